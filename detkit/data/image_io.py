@@ -1,0 +1,77 @@
+"""Decode image files to RGB safely: EXIF orientation, every colour mode, pixel limits, clear errors."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 178_956_970  # twice Pillow's warning threshold; larger files are refused
+
+
+class ImageDecodeError(RuntimeError):
+    """An image file cannot be used: missing, corrupt, truncated, or too large. The message names the path."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Read an image as an RGB PIL image in its displayed orientation.
+
+    EXIF orientation is applied; grayscale, palette, RGBA (composited on black), CMYK and 16-bit images are
+    converted to 8-bit RGB.
+
+    Args:
+        path: the image file.
+        max_pixels: refuse images whose width * height exceeds this (decompression bombs), before decoding.
+
+    Returns:
+        An RGB `PIL.Image.Image` of size (width, height) as displayed.
+
+    Raises:
+        ImageDecodeError: the file is missing, not an image, truncated, corrupt or over the pixel limit.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            # Our own limit below replaces Pillow's global one; keep its warning from leaking to users.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise ImageDecodeError(path, f"{width}x{height} = {width * height} pixels is over the limit of "
+                                                 f"{max_pixels} (data.max_image_pixels); refusing to decode it")
+                img.load()  # decode now, inside the try, so truncation is reported here
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except FileNotFoundError:
+        raise ImageDecodeError(path, "file not found") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(path, "not a recognised image file") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(path, f"refused as a decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageDecodeError(path, f"corrupt or truncated image ({exc})") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (0, 0, 0))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits rather than clipping
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        peak = arr.max() if arr.size and arr.max() > 255 else 255.0
+        img = Image.fromarray((arr * (255.0 / peak)).clip(0, 255).astype("uint8"), mode="L")
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, F

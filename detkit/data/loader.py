@@ -1,0 +1,268 @@
+"""Datasets, samplers and DataLoaders: decode and augment in workers, deterministic per seed, epoch and sample.
+
+All training randomness comes from the batch sampler: it shuffles each epoch with (seed, epoch) and gives every
+sample its own seed derived from (seed, epoch, rank, position). Augmentations therefore do not depend on the
+number of workers or on which worker ran them, and a run can resume at any iteration by skipping ahead.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..config.schema import DataConfig
+from .coco import CocoDataset
+from .image_io import ImageDecodeError, read_image
+from .transforms import Sample, TransformPipeline
+
+logger = logging.getLogger(__name__)
+
+MAX_DECODE_RETRIES = 10
+
+
+@dataclass
+class ImageMeta:
+    index: int  # position in the CocoDataset
+    image_id: int  # the COCO image id
+    orig_size: tuple[int, int]  # (height, width) as annotated
+    affine: tuple[float, float, float, float]  # original -> network pixel coordinates
+
+
+@dataclass
+class Targets:
+    """Ground truth of one image in network pixel coordinates."""
+
+    boxes: torch.Tensor  # (N, 4) float32 xyxy
+    labels: torch.Tensor  # (N,) int64, contiguous 0..K-1
+    ignore_boxes: torch.Tensor  # (M, 4) float32 xyxy, crowd regions
+    masks: list | None = None  # N entries: polygons (list of float32 arrays) or (H, W) uint8 bitmaps
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Targets":
+        return Targets(self.boxes.to(device, non_blocking=non_blocking),
+                       self.labels.to(device, non_blocking=non_blocking),
+                       self.ignore_boxes.to(device, non_blocking=non_blocking), self.masks)
+
+    def pin_memory(self) -> "Targets":
+        return Targets(self.boxes.pin_memory(), self.labels.pin_memory(), self.ignore_boxes.pin_memory(), self.masks)
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (N, 3, H, W) uint8 RGB, zero-padded bottom/right
+    image_sizes: torch.Tensor  # (N, 2) int64 (height, width) before padding
+    targets: list  # N Targets
+    metas: list  # N ImageMeta
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        return Batch(self.images.to(device, non_blocking=non_blocking),
+                     self.image_sizes.to(device, non_blocking=non_blocking),
+                     [t.to(device, non_blocking) for t in self.targets], self.metas)
+
+    def pin_memory(self) -> "Batch":
+        return Batch(self.images.pin_memory(), self.image_sizes.pin_memory(),
+                     [t.pin_memory() for t in self.targets], self.metas)
+
+
+class DetectionDataset(Dataset):
+    """A `CocoDataset` whose items are decoded, transformed samples.
+
+    Items are addressed by (index, sample_seed). An image that cannot be decoded is reported with its path and
+    replaced by the next one, so a bad file never kills a worker.
+    """
+
+    def __init__(self, coco: CocoDataset, transform: TransformPipeline, *, load_masks: bool = False,
+                 max_image_pixels: int = 178_956_970):
+        self.coco = coco
+        self.transform = transform
+        self.load_masks = load_masks and coco.segmentations is not None
+        self.max_image_pixels = max_image_pixels
+
+    def __len__(self) -> int:
+        return len(self.coco)
+
+    def load_sample(self, index: int) -> Sample:
+        """Decode image `index` with its annotations, untransformed."""
+        coco = self.coco
+        path = coco.image_path(index)
+        image = read_image(path, self.max_image_pixels)
+        expected = (int(coco.widths[index]), int(coco.heights[index]))
+        if image.size != expected:
+            raise ImageDecodeError(path, f"decoded size {image.size[0]}x{image.size[1]} differs from the "
+                                         f"annotated {expected[0]}x{expected[1]}; its boxes would be wrong")
+        rows = coco.annotation_slice(index)
+        crowd = coco.is_crowd[rows]
+        boxes = coco.boxes[rows]
+        masks = None
+        if self.load_masks:
+            from pycocotools import mask as mask_utils
+
+            segs = coco.segmentations
+            masks = []
+            for a in np.flatnonzero(~crowd) + rows.start:
+                rle = segs.rle(int(a))
+                masks.append(mask_utils.decode(rle) if rle is not None else segs.polygons(int(a)))
+        return Sample(image=image, boxes=boxes[~crowd], labels=coco.labels[rows][~crowd],
+                      ignore_boxes=boxes[crowd], masks=masks)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Sample, ImageMeta]:
+        index, seed = key if isinstance(key, tuple) else (key, key)
+        for attempt in range(MAX_DECODE_RETRIES):
+            try:
+                sample = self.load_sample(index)
+                break
+            except ImageDecodeError as exc:
+                logger.warning("skipping unreadable image (%s); using the next image instead", exc)
+                index = (index + 1) % len(self)
+        else:
+            raise RuntimeError(f"{MAX_DECODE_RETRIES} images in a row could not be read; last one: "
+                               f"{self.coco.image_path(index)}. Run `detkit check-data` on this dataset.")
+        rng = np.random.default_rng(seed) if self.transform.train else None
+        sample = self.transform(sample, rng)
+        meta = ImageMeta(index=index, image_id=int(self.coco.image_ids[index]),
+                         orig_size=(int(self.coco.heights[index]), int(self.coco.widths[index])),
+                         affine=sample.affine)
+        return sample, meta
+
+
+def collate(items: Sequence[tuple[Sample, ImageMeta]], size_divisibility: int = 32,
+            fixed_size: tuple[int, int] | None = None) -> Batch:
+    """Pad images into one uint8 tensor (to `fixed_size`, or to the largest rounded up to the divisibility)."""
+    sizes = [s.size for s, _ in items]
+    if fixed_size is not None:
+        pad_h, pad_w = fixed_size
+    else:
+        d = size_divisibility
+        pad_h = -(-max(h for h, _ in sizes) // d) * d
+        pad_w = -(-max(w for _, w in sizes) // d) * d
+    images = torch.zeros((len(items), 3, pad_h, pad_w), dtype=torch.uint8)
+    targets = []
+    for i, (sample, _) in enumerate(items):
+        h, w = sample.size
+        # (H, W, 3) -> (3, H, W)
+        images[i, :, :h, :w] = torch.from_numpy(np.array(sample.image)).permute(2, 0, 1)
+        targets.append(Targets(boxes=torch.from_numpy(np.ascontiguousarray(sample.boxes, np.float32)).reshape(-1, 4),
+                               labels=torch.from_numpy(np.ascontiguousarray(sample.labels, np.int64)),
+                               ignore_boxes=torch.from_numpy(
+                                   np.ascontiguousarray(sample.ignore_boxes, np.float32)).reshape(-1, 4),
+                               masks=sample.masks))
+    return Batch(images=images, image_sizes=torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2),
+                 targets=targets, metas=[m for _, m in items])
+
+
+def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, rank, position]).generate_state(1)[0])
+
+
+class TrainBatchSampler(Sampler):
+    """An endless stream of training batches of (index, sample_seed) keys.
+
+    Each epoch is a permutation drawn from (seed, epoch); with several ranks each takes every world_size-th
+    element. With aspect-ratio grouping, batches hold only landscape or only portrait images; a group's
+    leftovers carry over into the next epoch.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 group_ids: np.ndarray | None = None, rank: int = 0, world_size: int = 1, start_iter: int = 0):
+        if num_items <= 0:
+            raise ValueError("the training set is empty: nothing to sample (see `detkit check-data`)")
+        self.num_items, self.batch_size, self.seed, self.shuffle = num_items, batch_size, seed, shuffle
+        self.group_ids = group_ids
+        self.rank, self.world_size, self.start_iter = rank, world_size, start_iter
+
+    def _keys(self) -> Iterator[tuple[int, int]]:
+        epoch = 0
+        while True:
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+            else:
+                order = np.arange(self.num_items)
+            for position, index in enumerate(order[self.rank::self.world_size]):
+                yield int(index), sample_seed(self.seed, epoch, self.rank, position)
+            epoch += 1
+
+    def _batches(self) -> Iterator[list[tuple[int, int]]]:
+        buckets: dict[int, list] = {}
+        for key in self._keys():
+            group = 0 if self.group_ids is None else int(self.group_ids[key[0]])
+            bucket = buckets.setdefault(group, [])
+            bucket.append(key)
+            if len(bucket) == self.batch_size:
+                yield list(bucket)
+                bucket.clear()
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        batches = self._batches()
+        for _ in range(self.start_iter):  # resume: the same stream, minus what was already trained on
+            next(batches)
+        yield from batches
+
+
+class InferenceBatchSampler(Sampler):
+    """Every image once, in order (this rank's share: every world_size-th image)."""
+
+    def __init__(self, num_items: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.indices = list(range(rank, num_items, world_size))
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for i in range(0, len(self.indices), self.batch_size):
+            yield [(idx, 0) for idx in self.indices[i:i + self.batch_size]]
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed Python, NumPy and torch in a worker from the loader's per-epoch base seed."""
+    seed = torch.initial_seed() % 2 ** 32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def build_dataset(cfg: DataConfig, split: str) -> DetectionDataset:
+    """The `train` or `val` split of `cfg` as a DetectionDataset (the reader's report is on `.coco.report`)."""
+    ds_cfg = cfg.train if split == "train" else cfg.val
+    if not ds_cfg.annotations:
+        raise ValueError(f"data.{split}.annotations is not set")
+    train = split == "train"
+    coco = CocoDataset.load(ds_cfg.annotations, ds_cfg.images, filter_empty=train and cfg.filter_empty,
+                            load_masks=cfg.load_masks, min_box_size=cfg.min_box_size, on_invalid=cfg.on_invalid)
+    transform = TransformPipeline(cfg.train_transform if train else cfg.test_transform, train=train,
+                                  min_box_size=cfg.min_box_size)
+    return DetectionDataset(coco, transform, load_masks=cfg.load_masks, max_image_pixels=cfg.max_image_pixels)
+
+
+def _loader(dataset: DetectionDataset, batch_sampler: Sampler, cfg: DataConfig, seed: int,
+            pin_memory: bool) -> DataLoader:
+    t = dataset.transform
+    workers = cfg.num_workers
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
+                      collate_fn=partial(collate, size_divisibility=t.cfg.size_divisibility, fixed_size=t.fixed_size),
+                      pin_memory=pin_memory, worker_init_fn=seed_worker if workers else None,
+                      generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers else None)
+
+
+def build_train_loader(dataset: DetectionDataset, cfg: DataConfig, *, seed: int = 0, rank: int = 0,
+                       world_size: int = 1, start_iter: int = 0, pin_memory: bool = False) -> DataLoader:
+    """An endless loader of training `Batch`es (cfg.batch_size images per rank)."""
+    groups = (dataset.coco.aspect_ratios < 1).astype(np.int64) if cfg.aspect_ratio_grouping else None
+    sampler = TrainBatchSampler(len(dataset), cfg.batch_size, seed=seed, group_ids=groups, rank=rank,
+                                world_size=world_size, start_iter=start_iter)
+    return _loader(dataset, sampler, cfg, seed, pin_memory)
+
+
+def build_test_loader(dataset: DetectionDataset, cfg: DataConfig, *, rank: int = 0, world_size: int = 1,
+                      pin_memory: bool = False) -> DataLoader:
+    """Every image once, in order, in batches of cfg.test_batch_size."""
+    sampler = InferenceBatchSampler(len(dataset), cfg.test_batch_size, rank, world_size)
+    return _loader(dataset, sampler, cfg, 0, pin_memory)
