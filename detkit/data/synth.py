@@ -197,10 +197,9 @@ def render_image(index: int, spec: SynthSpec) -> tuple[Image.Image, dict, list[d
         area = float(mask_utils.area(rle))
         if area < 4:
             continue
-        xs = np.concatenate([np.asarray(p[0::2]) for p in polygons])
-        ys = np.concatenate([np.asarray(p[1::2]) for p in polygons])
-        bbox = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min()), float(ys.max() - ys.min())]
-        annotations.append({"category_id": CATEGORIES[cat][0], "bbox": [round(v, 2) for v in bbox],
+        # The box of the rasterised mask: what is visible, also where sub-pixel tips vanish from the mask.
+        bbox = [float(v) for v in mask_utils.toBbox(rle)]
+        annotations.append({"category_id": CATEGORIES[cat][0], "bbox": bbox,
                             "area": area, "iscrowd": 0, "segmentation": polygons})
     if crowd is not None:
         color = _color(rng)

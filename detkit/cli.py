@@ -1,0 +1,241 @@
+"""The `detkit` command: synth, check-data, eval, demo."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+DEMO_DATA = Path("datasets/synth-demo")
+DEMO_SPLITS = {"train": 600, "val": 100}
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .data.synth import generate
+
+    splits = {"train": args.train, "val": args.val}
+    splits = {k: v for k, v in splits.items() if v > 0}
+    if not splits:
+        print("error: nothing to generate (--train and --val are both 0)", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    paths = generate(args.out, splits, seed=args.seed, workers=args.workers, min_size=args.min_size,
+                     max_size=args.max_size, max_objects=args.max_objects)
+    elapsed = time.perf_counter() - start
+    total = sum(splits.values())
+    print(f"wrote {total:,} images in {elapsed:.1f} s ({total / elapsed:.0f} images/s) to {args.out}")
+    for split, path in paths.items():
+        print(f"  {split}: {path}  (images in {Path(args.out) / split})")
+    return 0
+
+
+def _check_files(coco, decode: bool, workers: int, max_pixels: int) -> dict:
+    """Check that every image file exists (and, with decode, reads at its annotated size)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+
+    paths = [coco.image_path(i) for i in range(len(coco))]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    out = {"missing image files": len(missing)}
+    for p in missing[:5]:
+        print(f"  missing: {p}")
+    if decode:
+        present = [i for i, p in enumerate(paths) if os.path.isfile(p)]
+        sizes = [(int(coco.widths[i]), int(coco.heights[i])) for i in present]
+        jobs = [(paths[i], s, max_pixels) for i, s in zip(present, sizes)]
+        bad = []
+        with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+            for path, error in tqdm(pool.map(_decode_one, jobs, chunksize=32), total=len(jobs), desc="decoding",
+                                    unit="img", disable=not sys.stderr.isatty()):
+                if error:
+                    bad.append(error)
+        for error in bad[:5]:
+            print(f"  unreadable: {error}")
+        out["unreadable images"] = len(bad)
+    return out
+
+
+def _decode_one(job: tuple[str, tuple[int, int], int]) -> tuple[str, str | None]:
+    from .data.image_io import ImageDecodeError, read_image
+
+    path, size, max_pixels = job
+    try:
+        image = read_image(path, max_pixels)
+    except ImageDecodeError as exc:
+        return path, str(exc)
+    if image.size != size:
+        return path, f"{path}: decoded size {image.size[0]}x{image.size[1]} differs from annotated {size[0]}x{size[1]}"
+    return path, None
+
+
+def _splits_from_target(target: str, images: str | None) -> list[tuple[str, str, str]]:
+    """(name, annotations, image root) for a config file or an annotations JSON."""
+    if target.endswith((".yaml", ".yml")):
+        from .config import Config, load_config
+
+        cfg = load_config(Config, target)
+        out = [(name, ds.annotations, ds.images) for name, ds in (("train", cfg.data.train), ("val", cfg.data.val))
+               if ds.annotations]
+        if not out:
+            raise SystemExit(f"error: {target} sets neither data.train.annotations nor data.val.annotations")
+        return out
+    if images is None:
+        raise SystemExit("error: give the image folder with --images when checking an annotations file")
+    return [(Path(target).name, target, images)]
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from .data.coco import CocoDataset, DatasetError
+
+    problems = 0
+    for name, annotations, images in _splits_from_target(args.target, args.images):
+        start = time.perf_counter()
+        try:
+            coco = CocoDataset.load(annotations, images, filter_empty=args.filter_empty, load_masks=args.masks,
+                                    min_box_size=args.min_box_size)
+        except (DatasetError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        elapsed = time.perf_counter() - start
+        report = coco.report
+        report.extra.update(_check_files(coco, args.decode, args.workers, args.max_pixels))
+        report.extra["read in"] = f"{elapsed:.2f} s"
+        print(f"[{name}]")
+        print(report.format())
+        problems += report.num_invalid + sum(v for k, v in report.extra.items() if isinstance(v, int))
+        if args.json:
+            from .evaluation.coco_eval import write_json_atomic
+
+            path = Path(args.json)
+            if len(_splits_from_target(args.target, args.images)) > 1:
+                path = path.with_name(f"{path.stem}_{name}{path.suffix}")
+            write_json_atomic(report.to_dict(), path)
+            print(f"  report written to {path}")
+    print("result: no problems found" if not problems else f"result: {problems:,} problems found (see above)")
+    return 1 if problems and args.strict else 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation.coco_eval import ResultsError, evaluate, save_evaluation, write_json_atomic
+
+    gt = args.gt
+    if gt is None and args.config:
+        from .config import Config, load_config
+
+        cfg = load_config(Config, args.config, args.overrides)
+        gt = cfg.data.val.annotations
+    if not gt:
+        print("error: give the ground truth with --gt (or a config whose data.val.annotations is set)",
+              file=sys.stderr)
+        return 2
+    if not args.results:
+        print("error: give the detections with --results (a COCO results JSON)", file=sys.stderr)
+        return 2
+    from .data.coco import load_json
+
+    results = load_json(args.results)
+    out = {}
+    for iou_type in args.iou_types:
+        try:
+            result = evaluate(gt, results, iou_type)
+        except ResultsError as exc:
+            print(f"error: {args.results}: {exc}", file=sys.stderr)
+            return 2
+        print(f"Evaluate annotation type *{iou_type}*  ({result.num_detections:,} detections)")
+        print(result.summary, end="")
+        print(result.per_category_table())
+        out[iou_type] = result
+    if args.out:
+        files = save_evaluation(out, args.out, plots=not args.no_plots)
+        files["results"] = write_json_atomic(results, Path(args.out) / "results.json")
+        print("wrote: " + ", ".join(str(p) for p in files.values()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Until a detector exists: generate the synthetic dataset if missing and print its check-data report."""
+    root = Path(args.data)
+    missing = [s for s in DEMO_SPLITS if not (root / "annotations" / f"instances_{s}.json").is_file()]
+    if missing:
+        print(f"generating the synthetic dataset in {root} ...")
+        code = cmd_synth(argparse.Namespace(out=str(root), train=DEMO_SPLITS["train"], val=DEMO_SPLITS["val"],
+                                            seed=0, workers=0, min_size=256, max_size=512, max_objects=8))
+        if code:
+            return code
+    else:
+        print(f"using the synthetic dataset in {root}")
+    status = 0
+    for split in DEMO_SPLITS:
+        status |= cmd_check_data(argparse.Namespace(
+            target=str(root / "annotations" / f"instances_{split}.json"), images=str(root / split),
+            filter_empty=False, masks=True, min_box_size=1.0, decode=True, workers=os.cpu_count() or 1,
+            max_pixels=178_956_970, json=None, strict=True))
+    print("\nThe detectors arrive with the next milestone; the demo will then train and evaluate on this data.")
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="detkit", description="Train, evaluate and benchmark object detectors.")
+    parser.add_argument("--version", action="version", version=f"detkit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="generate the synthetic COCO-format dataset")
+    p.add_argument("out", help="dataset folder to write")
+    p.add_argument("--train", type=int, default=2000, help="training images (default 2000)")
+    p.add_argument("--val", type=int, default=200, help="validation images (default 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
+    p.add_argument("--min-size", type=int, default=256, help="smallest image short side")
+    p.add_argument("--max-size", type=int, default=512, help="largest image short side")
+    p.add_argument("--max-objects", type=int, default=8, help="most objects per image")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("check-data", help="validate a COCO-format dataset and report every problem")
+    p.add_argument("target", help="an instances JSON (with --images) or a detkit config (checks its splits)")
+    p.add_argument("--images", help="image folder of the instances JSON")
+    p.add_argument("--masks", action="store_true", help="validate segmentations too")
+    p.add_argument("--decode", action="store_true", help="decode every image (finds corrupt files; slower)")
+    p.add_argument("--filter-empty", action="store_true", help="count images without annotations as dropped")
+    p.add_argument("--min-box-size", type=float, default=1.0)
+    p.add_argument("--max-pixels", type=int, default=178_956_970)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--json", help="also write the report as JSON here")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 when any problem is found")
+    p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser("eval", help="evaluate COCO detection results (12-line AP/AR block, per-category AP)")
+    p.add_argument("config", nargs="?", help="a detkit config (its data.val.annotations is the ground truth)")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    p.add_argument("--gt", help="ground-truth instances JSON")
+    p.add_argument("--results", help="COCO results JSON (a list of detections)")
+    p.add_argument("--iou-types", nargs="+", default=["bbox"], choices=["bbox", "segm"])
+    p.add_argument("--out", help="folder for metrics.json, results.json and the plots")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the README's demo on the synthetic dataset")
+    p.add_argument("--data", default=str(DEMO_DATA), help="where the synthetic dataset lives")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _setup_logging()
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2

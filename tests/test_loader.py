@@ -1,0 +1,106 @@
+import itertools
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from detkit.config import Config, load_config
+from detkit.data import build_dataset, build_test_loader, build_train_loader
+from detkit.data.loader import TrainBatchSampler
+
+
+def _cfg(root, *overrides):
+    return load_config(Config, None, [
+        f"data.train.annotations={root / 'annotations' / 'instances_train.json'}", f"data.train.images={root / 'train'}",
+        f"data.val.annotations={root / 'annotations' / 'instances_val.json'}", f"data.val.images={root / 'val'}",
+        "data.train_transform.mode=scale_jitter", "data.train_transform.output_size=96",
+        "data.train_transform.scale_range=[0.5, 2.0]", "data.batch_size=4", "data.load_masks=true", *overrides])
+
+
+def _take(loader, n):
+    return list(itertools.islice(iter(loader), n))
+
+
+def test_batches_are_padded_and_consistent(synth_root):
+    cfg = _cfg(synth_root, "data.num_workers=0")
+    ds = build_dataset(cfg.data, "train")
+    for batch in _take(build_train_loader(ds, cfg.data, seed=0), 3):
+        assert batch.images.dtype == torch.uint8 and batch.images.shape[1:] == (3, 96, 96)
+        for size, t in zip(batch.image_sizes, batch.targets):
+            h, w = size.tolist()
+            assert h <= 96 and w <= 96
+            assert len(t.boxes) == len(t.labels) == len(t.masks)
+            if len(t.boxes):
+                assert (t.boxes[:, 2:] <= torch.tensor([w, h])).all() and (t.boxes[:, :2] >= 0).all()
+                assert (t.boxes[:, 2:] > t.boxes[:, :2]).all()
+
+
+def test_same_seed_same_batches_whatever_the_worker_count(synth_root):
+    ds = build_dataset(_cfg(synth_root).data, "train")
+    runs = []
+    for workers in (0, 2):
+        cfg = _cfg(synth_root, f"data.num_workers={workers}")
+        runs.append(_take(build_train_loader(ds, cfg.data, seed=7), 8))
+    for a, b in zip(*runs):
+        assert torch.equal(a.images, b.images)
+        assert [m.image_id for m in a.metas] == [m.image_id for m in b.metas]
+    other = _take(build_train_loader(ds, _cfg(synth_root, "data.num_workers=0").data, seed=8), 8)
+    assert not all(torch.equal(a.images, b.images) for a, b in zip(runs[0], other))
+
+
+def test_resume_skips_exactly_what_was_consumed(synth_root):
+    groups = np.array([0, 1] * 10)
+    full = list(itertools.islice(iter(TrainBatchSampler(20, 3, seed=1, group_ids=groups)), 12))
+    resumed = list(itertools.islice(iter(TrainBatchSampler(20, 3, seed=1, group_ids=groups, start_iter=5)), 7))
+    assert resumed == full[5:]
+    for batch in full:  # aspect-ratio grouping: one group per batch
+        assert len({groups[i] for i, _ in batch}) == 1
+
+
+def test_epochs_cover_the_data_and_ranks_are_disjoint():
+    ranks = [TrainBatchSampler(10, 1, seed=0, rank=r, world_size=2) for r in range(2)]
+    firsts = [[key[0][0] for key in itertools.islice(iter(s), 5)] for s in ranks]
+    assert sorted(firsts[0] + firsts[1]) == list(range(10))
+    epoch0 = [b[0] for b in itertools.islice(iter(TrainBatchSampler(10, 1, seed=0)), 20)]
+    assert sorted(k[0] for k in epoch0[:10]) == list(range(10))
+    assert [k[0] for k in epoch0[:10]] != [k[0] for k in epoch0[10:]]  # reshuffled each epoch
+    assert len({k[1] for k in epoch0}) == 20  # every sample has its own augmentation seed
+
+
+def test_corrupt_image_is_reported_and_skipped(synth_root, tmp_path, caplog):
+    root = tmp_path / "copy"
+    shutil.copytree(synth_root, root)
+    cfg = _cfg(root, "data.num_workers=0")
+    ds = build_dataset(cfg.data, "val")
+    victim = ds.coco.image_path(0)
+    with open(victim, "r+b") as f:
+        f.truncate(100)
+    loader = build_test_loader(ds, cfg.data)
+    with caplog.at_level(logging.WARNING):
+        batches = list(loader)
+    assert len(batches) == len(ds)
+    assert victim in caplog.text and "skipping unreadable image" in caplog.text
+    assert batches[0].metas[0].index == 1  # replaced by the next image
+
+
+def test_wrong_annotated_size_is_caught(synth_root, tmp_path, caplog):
+    root = tmp_path / "copy"
+    shutil.copytree(synth_root, root)
+    cfg = _cfg(root, "data.num_workers=0")
+    ds = build_dataset(cfg.data, "val")
+    ds.coco.widths[2] += 7
+    with caplog.at_level(logging.WARNING):
+        _, meta = ds[2]
+    assert meta.index == 3 and "differs from the annotated" in caplog.text
+
+
+def test_test_loader_visits_every_image_once_in_order(synth_root):
+    cfg = _cfg(synth_root, "data.num_workers=0", "data.test_batch_size=5",
+               "data.test_transform.short_sizes=[64]", "data.test_transform.max_size=100")
+    ds = build_dataset(cfg.data, "val")
+    ids = [m.image_id for b in build_test_loader(ds, cfg.data) for m in b.metas]
+    assert ids == ds.coco.image_ids.tolist()
+    batch = next(iter(build_test_loader(ds, cfg.data)))
+    assert batch.images.shape[-1] % 32 == 0 and batch.images.shape[-2] % 32 == 0
