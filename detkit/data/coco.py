@@ -11,7 +11,7 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
@@ -29,6 +29,7 @@ class DatasetError(ValueError):
 
 # What happens to a record for each reason; the report groups by these.
 REASONS: dict[str, str] = {
+    "image: missing or invalid id": "dropped",
     "image: duplicate id": "dropped",
     "image: file_name escapes the image root": "rejected",
     "image: missing or invalid file_name": "rejected",
@@ -125,7 +126,7 @@ def is_safe_relative_path(name: str) -> bool:
     posix = name.replace("\\", "/")
     if posix.startswith("/") or (len(posix) > 1 and posix[1] == ":"):  # absolute, or a Windows drive
         return False
-    return ".." not in PurePosixPath(posix).parts
+    return ".." not in posix.split("/")
 
 
 def _int_array(values: list) -> tuple[np.ndarray, np.ndarray]:
@@ -371,7 +372,7 @@ class CocoDataset:
         dup = img_ok & ~first
         report.add("image: duplicate id", int(dup.sum()), image_ids[dup][:5].tolist())
         img_keep = img_ok & first & size_ok & ~name_bad & ~unsafe
-        report.add("image: missing or invalid width/height", int((~img_ok).sum()))  # no usable id at all
+        report.add("image: missing or invalid id", int((~img_ok).sum()), [names[i] for i in np.flatnonzero(~img_ok)[:5]])
 
         kept_img = np.flatnonzero(img_keep)
         order = np.argsort(image_ids[kept_img], kind="stable")
@@ -442,7 +443,7 @@ class CocoDataset:
 
         parsed: dict[int, list | dict] = {}
         if load_masks:
-            short_ex, bad = [], []
+            bad = []
             for i in np.flatnonzero(keep & ~is_crowd):
                 mask, short = _parse_segmentation(anns[i].get("segmentation"), int(img_h[pos_c[i]]),
                                                   int(img_w[pos_c[i]]))
