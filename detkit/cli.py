@@ -112,7 +112,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         print(report.format())
         problems += report.num_invalid + sum(v for k, v in report.extra.items() if isinstance(v, int))
         if args.json:
-            from .evaluation.coco_eval import write_json_atomic
+            from .utils.fileio import write_json_atomic
 
             path = Path(args.json)
             if len(_splits_from_target(args.target, args.images)) > 1:
@@ -124,7 +124,8 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation.coco_eval import ResultsError, evaluate, save_evaluation, write_json_atomic
+    from .evaluation.coco_eval import ResultsError, evaluate, save_evaluation
+    from .utils.fileio import write_json_atomic
 
     gt = args.gt
     if gt is None and args.config:

@@ -9,7 +9,6 @@ Output is a pure function of the seed.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from pycocotools import mask as mask_utils
 from shapely import affinity
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.polygon import orient
+
+from ..utils.fileio import write_json_atomic
 
 # Non-contiguous on purpose, like COCO's.
 CATEGORIES = [
@@ -278,9 +279,5 @@ def generate(out_dir: str | Path, splits: dict[str, int] | None = None, *, seed:
             "images": images, "annotations": annotations,
             "categories": [{"id": cid, "name": name, "supercategory": "shape"} for cid, name in CATEGORIES],
         }
-        path = out_dir / "annotations" / f"instances_{split}.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, separators=(",", ":")))
-        os.replace(tmp, path)  # a reader never sees half a file
-        written[split] = path
+        written[split] = write_json_atomic(data, out_dir / "annotations" / f"instances_{split}.json")
     return written

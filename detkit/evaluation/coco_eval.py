@@ -4,13 +4,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from ..utils.fileio import write_json_atomic
 
 import numpy as np
 
@@ -175,13 +175,26 @@ def _mean_valid(p: np.ndarray) -> float:
     return float(valid.mean()) if valid.size else -1.0
 
 
-def plot_precision_recall(result: EvalResult, path: str | Path) -> Path:
-    """PNG of the precision-recall curves (area all, 100 detections) at IoU 0.5, 0.75 and 0.5:0.95."""
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: never needs a display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_precision_recall(result: EvalResult, path: str | Path) -> Path:
+    """PNG of the precision-recall curves (area all, 100 detections) at IoU 0.5, 0.75 and 0.5:0.95."""
+    plt = _pyplot()
     r = result.recall_thresholds
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
     curves = [("IoU=0.50", result.precision[[int(np.argmin(np.abs(result.iou_thresholds - 0.5)))]]),
@@ -202,20 +215,12 @@ def plot_precision_recall(result: EvalResult, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.set_title(f"{result.iou_type}: precision-recall (area all, maxDets 100)")
     ax.legend(loc="lower left")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_per_category(result: EvalResult, path: str | Path) -> Path:
     """PNG bar chart of per-category AP (0.50:0.95), best first."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     items = sorted(((n, v["AP"]) for n, v in result.per_category.items() if v["AP"] >= 0),
                    key=lambda item: -item[1])
     height = max(2.5, 0.28 * len(items) + 1)
@@ -230,19 +235,7 @@ def plot_per_category(result: EvalResult, path: str | Path) -> Path:
     ax.set_title(f"{result.iou_type}: AP per category (mean {100 * max(result.stats[0], 0):.1f})")
     for i, v in enumerate(values):
         ax.text(v + 1, i, f"{v:.1f}", va="center", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def write_json_atomic(obj: Any, path: str | Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-    return path
+    return _save(fig, path)
 
 
 def save_evaluation(results_by_type: dict[str, EvalResult], out_dir: str | Path, plots: bool = True) -> dict:

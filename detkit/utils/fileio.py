@@ -1,0 +1,28 @@
+"""File writing that never leaves half a file behind."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_bytes_atomic(data: bytes, path: str | Path) -> Path:
+    """Write to a temporary file beside `path`, then rename: readers see the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_json_atomic(obj: Any, path: str | Path) -> Path:
+    """`obj` as compact JSON at `path`, atomically."""
+    return write_bytes_atomic(json.dumps(obj, separators=(",", ":")).encode(), path)
