@@ -40,7 +40,7 @@ def test_check_data_reports_problems_and_strict_fails(tmp_path, capsys):
 def test_config_errors_are_reported_not_raised(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("solver: {base_lrr: 1}\n")
     assert main(["eval", str(tmp_path / "c.yaml"), "--results", "x.json"]) == 2
-    assert "did you mean 'base_lr'" in capsys.readouterr().err
+    assert "did you mean 'solver.base_lr'" in capsys.readouterr().err
 
 
 def test_console_entry_point():

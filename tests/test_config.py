@@ -14,7 +14,7 @@ def test_defaults_and_overrides():
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("solver.base_lrr=0.1", "unknown key 'solver.base_lrr'; did you mean 'base_lr'?"),
+    ("solver.base_lrr=0.1", "unknown key 'solver.base_lrr'; did you mean 'solver.base_lr'?"),
     ("dta.batch_size=2", "unknown key 'dta'; did you mean 'data'?"),
     ("data.batch_size=abc", "data.batch_size: expected an integer, got str 'abc'"),
     ("data.batch_size=2.5", "data.batch_size: expected an integer"),

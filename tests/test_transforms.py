@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -105,3 +107,17 @@ def test_normalize_both_conventions_and_zero_padding(normalization):
         expected = torch.tensor([50, 100, 200.0]) - torch.tensor(cfg.pixel_mean)
     torch.testing.assert_close(out[0, :, 0, 0], expected)
     assert (out[0, :, 2:, :] == 0).all() and (out[0, :, :, 3:] == 0).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(boxes=st.lists(st.tuples(*[st.floats(0, 1, allow_nan=False)] * 4), min_size=0, max_size=6),
+       new_w=st.integers(8, 300), new_h=st.integers(8, 300), flip=st.booleans())
+def test_any_resize_and_flip_maps_back_exactly(boxes, new_w, new_h, flip):
+    w, h = 120, 80
+    arr = np.array([[min(a, c) * w, min(b, d) * h, max(a, c) * w, max(b, d) * h] for a, b, c, d in boxes],
+                   np.float32).reshape(-1, 4)
+    s = Sample(image=Image.new("RGB", (w, h)), boxes=arr, labels=np.arange(len(arr)),
+               ignore_boxes=np.zeros((0, 4), np.float32))
+    t = resize(hflip(s) if flip else s, new_w, new_h)
+    assert ((t.boxes[:, 2:] <= [new_w + 1e-3, new_h + 1e-3]).all() and (t.boxes[:, :2] >= -1e-3).all())
+    np.testing.assert_allclose(boxes_to_original(t.boxes, t.affine), arr, atol=1e-3)

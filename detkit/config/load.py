@@ -106,7 +106,10 @@ def _from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in fields:
-            raise ConfigError(f"unknown key '{key}'{_suggest(str(name), fields)}")
+            hint = _suggest(str(name), fields)
+            if hint and prefix:  # name the whole dotted key: "did you mean 'solver.base_lr'?"
+                hint = hint.replace("mean '", f"mean '{prefix}.")
+            raise ConfigError(f"unknown key '{key}'{hint}")
         default_factory = fields[name].default_factory
         if isinstance(value, dict) and default_factory is not dataclasses.MISSING:
             # A partial section overrides the field's own defaults, not the bare dataclass defaults.
