@@ -96,10 +96,11 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     from .data.coco import CocoDataset, DatasetError
 
     problems = 0
-    for name, annotations, images in _splits_from_target(args.target, args.images):
+    splits = _splits_from_target(args.target, args.images)
+    for name, annotation_file, images in splits:
         start = time.perf_counter()
         try:
-            coco = CocoDataset.load(annotations, images, filter_empty=args.filter_empty, load_masks=args.masks,
+            coco = CocoDataset.load(annotation_file, images, filter_empty=args.filter_empty, load_masks=args.masks,
                                     min_box_size=args.min_box_size)
         except (DatasetError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -115,7 +116,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
             from .utils.fileio import write_json_atomic
 
             path = Path(args.json)
-            if len(_splits_from_target(args.target, args.images)) > 1:
+            if len(splits) > 1:
                 path = path.with_name(f"{path.stem}_{name}{path.suffix}")
             write_json_atomic(report.to_dict(), path)
             print(f"  report written to {path}")

@@ -3,7 +3,6 @@ import logging
 import shutil
 
 import numpy as np
-import pytest
 import torch
 
 from detkit.config import Config, load_config

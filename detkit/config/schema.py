@@ -6,7 +6,7 @@ config is executed. Field comments say what each value means and in which units.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Tuple
+from typing import Literal, Tuple
 
 from .load import ConfigError
 

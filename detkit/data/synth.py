@@ -9,7 +9,6 @@ Output is a pure function of the seed.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from multiprocessing import get_context
