@@ -29,6 +29,12 @@ def _suppressed_by(block: Tensor, block_ids: Tensor | None, kept: Tensor, kept_i
     return out
 
 
+def _descending(scores: Tensor, indices: Tensor) -> Tensor:
+    """`indices` ordered by descending score, ties by ascending index (the textbook loop's order)."""
+    indices = indices.sort().values
+    return indices[torch.sort(scores[indices].float(), descending=True, stable=True).indices]
+
+
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | None = None,
         max_output: int | None = None, block_size: int = 512) -> Tensor:
     """Greedy NMS.
@@ -38,7 +44,8 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | None
         scores: (N,) scores; ties keep the lower index first.
         iou_threshold: a box is removed when its IoU with a higher-scoring kept box is > this.
         idxs: optional (N,) class (or image) indices: boxes of different indices never suppress each other.
-        max_output: stop once this many boxes are kept (the result is the first max_output of the full one).
+            Boxes are then visited class by class, so a block meets only the kept boxes of its own classes.
+        max_output: return only the first max_output kept boxes (without idxs the search also stops there).
         block_size: boxes resolved together; larger blocks mean fewer Python iterations and more memory.
 
     Returns:
@@ -46,18 +53,24 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | None
     """
     if boxes.shape[0] == 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device)
-    order = torch.sort(scores.float(), descending=True, stable=True).indices
+    all_indices = torch.arange(boxes.shape[0], device=boxes.device)
+    order = _descending(scores, all_indices)
+    if idxs is not None:  # class-major, each class in descending score order
+        order = order[torch.sort(idxs[order], stable=True).indices]
     sorted_boxes = boxes[order].float()
     sorted_ids = idxs[order] if idxs is not None else None
     kept_chunks: list[Tensor] = []  # positions (into `order`) of kept boxes, block by block
     kept_boxes = sorted_boxes[:0]
     kept_ids = sorted_ids[:0] if sorted_ids is not None else None
-    num_kept = 0
-    n = sorted_boxes.shape[0]
-    for start in range(0, n, block_size):
+    for start in range(0, sorted_boxes.shape[0], block_size):
         block = sorted_boxes[start:start + block_size]
         block_ids = sorted_ids[start:start + block_size] if sorted_ids is not None else None
-        alive = ~_suppressed_by(block, block_ids, kept_boxes, kept_ids, iou_threshold) if num_kept else \
+        others, other_ids = kept_boxes, kept_ids
+        if block_ids is not None and kept_ids.numel():
+            # kept boxes are class-major too: those of this block's classes form a suffix
+            first = int(torch.searchsorted(kept_ids, block_ids[:1]).item())
+            others, other_ids = kept_boxes[first:], kept_ids[first:]
+        alive = ~_suppressed_by(block, block_ids, others, other_ids, iou_threshold) if others.numel() else \
             torch.ones(block.shape[0], dtype=torch.bool, device=block.device)
         # suppresses[i, j]: i comes before j in the block and overlaps it
         suppresses = torch.triu(box_iou(block, block) > iou_threshold, diagonal=1)
@@ -70,15 +83,15 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | None
             if torch.equal(new_keep, keep):
                 break
             keep = new_keep
-        positions = torch.nonzero(keep).squeeze(1) + start
-        kept_chunks.append(positions)
+        kept_chunks.append(torch.nonzero(keep).squeeze(1) + start)
         kept_boxes = torch.cat([kept_boxes, block[keep]])
         if kept_ids is not None:
             kept_ids = torch.cat([kept_ids, block_ids[keep]])
-        num_kept += positions.shape[0]
-        if max_output is not None and num_kept >= max_output:
-            break
+        elif max_output is not None and kept_boxes.shape[0] >= max_output:
+            break  # score order: the first max_output kept boxes are final
     kept = order[torch.cat(kept_chunks)]
+    if idxs is not None:
+        kept = _descending(scores, kept)
     return kept[:max_output] if max_output is not None else kept
 
 
