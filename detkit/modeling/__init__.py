@@ -1,0 +1,1 @@
+"""Model parts: backbones, necks, heads, anchors, matching, detectors."""
