@@ -1,0 +1,1 @@
+"""Necks: turn backbone features into a feature pyramid."""
