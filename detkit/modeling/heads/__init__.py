@@ -1,0 +1,1 @@
+"""Heads: raw per-level predictions; targets, losses and post-processing live beside them, apart."""
