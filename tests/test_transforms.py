@@ -7,7 +7,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from detkit.config import InputConfig, TransformConfig
-from detkit.data.transforms import Sample, TransformPipeline, boxes_to_original, crop, hflip, normalize, resize
+from detkit.data.transforms import Sample, TransformPipeline, boxes_to_original, crop, hflip, normalize, resize, \
+    resize_crop
 
 
 def _sample(w=120, h=80):
@@ -68,6 +69,29 @@ def test_crop_clips_drops_and_keeps_masks_aligned():
     assert len(s.ignore_boxes) == 0  # the crowd box lies left of the window
     s2 = crop(_sample(), 60, 0, 60, 80)  # box 0 falls outside: label and mask go with it
     assert s2.labels.tolist() == [3] and len(s2.masks) == 1
+
+
+@pytest.mark.parametrize("new_size, window", [((240, 160), (30, 20, 100, 90)), ((200, 150), (0, 0, 64, 64)),
+                                               ((90, 60), (10, 5, 70, 50))])
+def test_resize_crop_equals_resize_then_crop(new_size, window):
+    rng = np.random.default_rng(1)
+    smooth = Image.fromarray(rng.integers(0, 255, (8, 12, 3), dtype=np.uint8)).resize((120, 80), Image.BICUBIC)
+    s = Sample(image=smooth, boxes=_sample().boxes, labels=_sample().labels, ignore_boxes=_sample().ignore_boxes,
+               masks=_sample().masks)
+    fast = resize_crop(s, *new_size, *window)
+    slow = crop(resize(s, *new_size), *window)
+    assert fast.size == slow.size == (window[3], window[2])
+    np.testing.assert_array_equal(fast.boxes, slow.boxes)
+    np.testing.assert_array_equal(fast.labels, slow.labels)
+    np.testing.assert_array_equal(fast.ignore_boxes, slow.ignore_boxes)
+    assert fast.affine == slow.affine
+    for a, b in zip(fast.masks, slow.masks):
+        if isinstance(a, np.ndarray):
+            np.testing.assert_array_equal(a, b)
+        else:
+            np.testing.assert_array_equal(np.concatenate(a), np.concatenate(b))
+    diff = np.abs(np.asarray(fast.image, np.int16) - np.asarray(slow.image, np.int16))
+    assert diff.max() <= 2  # the same resampling; only 8-bit rounding differs
 
 
 @pytest.mark.parametrize("seed", range(5))

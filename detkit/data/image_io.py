@@ -59,6 +59,16 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         raise ImageDecodeError(path, f"corrupt or truncated image ({exc})") from None
 
 
+def read_annotated_image(path: str | Path, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """`read_image`, and refuse an image whose (width, height) differs from the annotated `size`: its boxes
+    would land in the wrong place."""
+    image = read_image(path, max_pixels)
+    if image.size != tuple(size):
+        raise ImageDecodeError(path, f"decoded size {image.size[0]}x{image.size[1]} differs from the annotated "
+                                     f"{size[0]}x{size[1]}; its boxes would be wrong")
+    return image
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config.schema import DataConfig
 from .coco import CocoDataset
-from .image_io import ImageDecodeError, read_image
+from .image_io import ImageDecodeError, read_annotated_image
 from .transforms import Sample, TransformPipeline
 
 logger = logging.getLogger(__name__)
@@ -93,11 +93,8 @@ class DetectionDataset(Dataset):
         """Decode image `index` with its annotations, untransformed."""
         coco = self.coco
         path = coco.image_path(index)
-        image = read_image(path, self.max_image_pixels)
-        expected = (int(coco.widths[index]), int(coco.heights[index]))
-        if image.size != expected:
-            raise ImageDecodeError(path, f"decoded size {image.size[0]}x{image.size[1]} differs from the "
-                                         f"annotated {expected[0]}x{expected[1]}; its boxes would be wrong")
+        image = read_annotated_image(path, (int(coco.widths[index]), int(coco.heights[index])),
+                                     self.max_image_pixels)
         rows = coco.annotation_slice(index)
         crowd = coco.is_crowd[rows]
         boxes = coco.boxes[rows]

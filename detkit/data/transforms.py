@@ -36,10 +36,11 @@ def _scale_boxes(boxes: np.ndarray, sx: float, sy: float) -> np.ndarray:
     return boxes * np.array([sx, sy, sx, sy], dtype=np.float32)
 
 
-def resize(sample: Sample, new_w: int, new_h: int) -> Sample:
-    """Resize to (new_w, new_h) pixels; boxes and masks follow."""
+def resize(sample: Sample, new_w: int, new_h: int, image: Image.Image | None = None) -> Sample:
+    """Resize to (new_w, new_h) pixels; boxes and masks follow. `image`: the resized pixels, when the caller
+    already has them (see `resize_crop`)."""
     w, h = sample.image.size
-    if (new_w, new_h) == (w, h):
+    if (new_w, new_h) == (w, h) and image is None:
         return sample
     sx, sy = new_w / w, new_h / h
     masks = None
@@ -47,7 +48,7 @@ def resize(sample: Sample, new_w: int, new_h: int) -> Sample:
         masks = [np.asarray(Image.fromarray(m).resize((new_w, new_h), Image.NEAREST)) if isinstance(m, np.ndarray)
                  else [p * np.tile(np.array([sx, sy], np.float32), len(p) // 2) for p in m] for m in sample.masks]
     ax, bx, ay, by = sample.affine
-    return replace(sample, image=sample.image.resize((new_w, new_h), Image.BILINEAR),
+    return replace(sample, image=image if image is not None else sample.image.resize((new_w, new_h), Image.BILINEAR),
                    boxes=_scale_boxes(sample.boxes, sx, sy), ignore_boxes=_scale_boxes(sample.ignore_boxes, sx, sy),
                    masks=masks, affine=(ax * sx, bx * sx, ay * sy, by * sy))
 
@@ -80,9 +81,11 @@ def hflip(sample: Sample) -> Sample:
                    masks=masks, affine=(-ax, w - bx, ay, by))
 
 
-def crop(sample: Sample, x0: int, y0: int, width: int, height: int, min_box_size: float = 1.0) -> Sample:
+def crop(sample: Sample, x0: int, y0: int, width: int, height: int, min_box_size: float = 1.0,
+         image: Image.Image | None = None) -> Sample:
     """Keep the window [x0, x0+width) x [y0, y0+height). Boxes are clipped to it; boxes left narrower or
-    shorter than `min_box_size` are removed with their labels and masks; ignore regions are clipped."""
+    shorter than `min_box_size` are removed with their labels and masks; ignore regions are clipped.
+    `image`: the cropped pixels, when the caller already has them (see `resize_crop`)."""
     shift = np.array([x0, y0, x0, y0], dtype=np.float32)
     limit = np.array([width, height, width, height], dtype=np.float32)
 
@@ -103,9 +106,24 @@ def crop(sample: Sample, x0: int, y0: int, width: int, height: int, min_box_size
             else:
                 masks.append([p - np.tile(np.array([x0, y0], np.float32), len(p) // 2) for p in m])
     ax, bx, ay, by = sample.affine
-    return replace(sample, image=sample.image.crop((x0, y0, x0 + width, y0 + height)), boxes=boxes[keep],
+    if image is None:
+        image = sample.image.crop((x0, y0, x0 + width, y0 + height))
+    return replace(sample, image=image, boxes=boxes[keep],
                    labels=sample.labels[keep], ignore_boxes=ignore[keep_ignore], masks=masks,
                    affine=(ax, bx - x0, ay, by - y0))
+
+
+def resize_crop(sample: Sample, new_w: int, new_h: int, x0: int, y0: int, width: int, height: int,
+                min_box_size: float = 1.0) -> Sample:
+    """`crop(resize(sample, new_w, new_h), x0, y0, width, height)`, resampling only the pixels the crop keeps.
+
+    With scale jitter up to 2x, resizing the whole image first would resample up to 4x the output's pixels.
+    """
+    w, h = sample.image.size
+    sx, sy = new_w / w, new_h / h
+    region = (x0 / sx, y0 / sy, (x0 + width) / sx, (y0 + height) / sy)  # the window in source pixels
+    pixels = sample.image.resize((width, height), Image.BILINEAR, box=region)
+    return crop(resize(sample, new_w, new_h, image=pixels), x0, y0, width, height, min_box_size, image=pixels)
 
 
 def boxes_to_original(boxes: np.ndarray | torch.Tensor, affine: Sequence[float]):
@@ -158,13 +176,12 @@ class TransformPipeline:
         if self.train and c.flip_prob > 0 and rng.random() < c.flip_prob:
             sample = hflip(sample)
         new_h, new_w = self.output_size(*sample.size, rng=rng)
-        sample = resize(sample, new_w, new_h)
         if c.mode == "scale_jitter" and (new_w > c.output_size or new_h > c.output_size):
             cw, ch = min(new_w, c.output_size), min(new_h, c.output_size)
             x0 = int(rng.integers(0, new_w - cw + 1)) if rng is not None else 0
             y0 = int(rng.integers(0, new_h - ch + 1)) if rng is not None else 0
-            sample = crop(sample, x0, y0, cw, ch, self.min_box_size)
-        return sample
+            return resize_crop(sample, new_w, new_h, x0, y0, cw, ch, self.min_box_size)
+        return resize(sample, new_w, new_h)
 
 
 def normalize(images: torch.Tensor, image_sizes: torch.Tensor, input_cfg: InputConfig) -> torch.Tensor:

@@ -139,7 +139,7 @@ def evaluate(gt: str | Path | dict | Any, results: Sequence[dict] | str | Path, 
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet):
         if results:
-            coco_dt = coco_gt.loadRes(copy.deepcopy(results) if iou_type == "segm" else results)
+            coco_dt = coco_gt.loadRes(results)  # check_results made fresh dicts: loadRes may add keys to them
         else:  # loadRes cannot take an empty list; an empty result set is still a valid submission
             coco_dt = COCO()
             coco_dt.dataset = {"images": coco_gt.dataset.get("images", []),

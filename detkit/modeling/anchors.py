@@ -1,7 +1,6 @@
 """Anchor boxes per pyramid level, laid out to match a dense head's (N, H*W*A, K) predictions."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
@@ -91,9 +90,3 @@ def retinanet_anchor_sizes(base: float = 32.0, num_levels: int = 5, truncate: bo
     """Sizes of the RetinaNet paper: base * 2^level * {2^0, 2^(1/3), 2^(2/3)} on P3..P7."""
     return [octave_sizes(base * 2 ** i, 3, truncate) for i in range(num_levels)]
 
-
-def log2_int(value: int) -> int:
-    out = int(round(math.log2(value)))
-    if 2 ** out != value:
-        raise ValueError(f"{value} is not a power of two")
-    return out

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from detkit.modeling.anchors import AnchorGenerator, retinanet_anchor_sizes
+from detkit.modeling.anchors import AnchorGenerator
 from detkit.modeling.backbones.resnet import ResNet
 from detkit.modeling.heads.retina_head import RetinaHead, flatten_predictions
 from detkit.modeling.necks.fpn import FPN
@@ -29,8 +29,7 @@ def test_outputs_prior_and_flattening_order():
     y, x, a = 2, 5, 1
     torch.testing.assert_close(flat[:, (y * 6 + x) * 3 + a], logits[0][:, a * 5:(a + 1) * 5, y, x])
     # and that order is the anchor generator's
-    gen = AnchorGenerator([8, 16], retinanet_anchor_sizes(32, 2), aspect_ratios=(0.5, 1.0, 2.0))
-    gen.sizes = [s[:1] for s in gen.sizes]  # 3 anchors per location, like the head
+    gen = AnchorGenerator([8, 16], [(32.0,), (64.0,)], aspect_ratios=(0.5, 1.0, 2.0))  # 3 per location
     anchors = torch.cat(gen.grid_anchors([(4, 6), (2, 3)]))
     assert anchors.shape[0] == flat.shape[1]
 
