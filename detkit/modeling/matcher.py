@@ -49,7 +49,7 @@ class Matcher:
         if gt_valid is not None:
             iou = iou.masked_fill(~gt_valid[..., None], -1.0)
         max_iou, matched_idxs = iou.max(dim=-2)  # (..., A)
-        labels = torch.full_like(matched_idxs, self.labels[-1], dtype=torch.int8)
+        labels = torch.empty_like(matched_idxs, dtype=torch.int8)  # the intervals below cover every IoU
         lows = [float("-inf"), *self.thresholds]
         highs = [*self.thresholds, float("inf")]
         for low, high, label in zip(lows, highs, self.labels):
