@@ -24,6 +24,7 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/data_pipeline.py
+	$(BIN)/python benchmarks/retinanet.py
 
 clean:
 	rm -rf $(VENV) runs datasets

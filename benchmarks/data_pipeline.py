@@ -13,16 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SECTION_BEGIN = "<!-- data-pipeline:begin -->"
-SECTION_END = "<!-- data-pipeline:end -->"
+from common import machine as describe_machine, write_section  # noqa: E402 (benchmarks/ is the script dir)
 
 
 def make_coco_sized_json(path: Path, num_images: int, anns_per_image: float, seed: int = 0) -> dict:
@@ -144,21 +141,6 @@ def measure_loader(work: Path, num_images: int, batches: int, workers: int) -> d
             "batch": 8}
 
 
-def write_section(text: str) -> Path:
-    doc = ROOT / "docs" / "benchmarks.md"
-    doc.parent.mkdir(exist_ok=True)
-    current = doc.read_text() if doc.exists() else "# detkit benchmarks\n\nEvery figure here comes from a script in " \
-        "`benchmarks/`, run on the machine named beside it.\n"
-    block = f"{SECTION_BEGIN}\n{text.rstrip()}\n{SECTION_END}"
-    if SECTION_BEGIN in current:
-        head, rest = current.split(SECTION_BEGIN, 1)
-        current = head + block + rest.split(SECTION_END, 1)[1]
-    else:
-        current = current.rstrip() + "\n\n" + block + "\n"
-    doc.write_text(current)
-    return doc
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/detkit-bench", help="scratch folder")
@@ -169,11 +151,9 @@ def main() -> None:
     q = args.quick
     num_synth, coco_images, loader_images, batches = (100, 2000, 64, 5) if q else (2000, 118_287, 400, 40)
 
-    import torch
-
     import detkit
 
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    machine = describe_machine()
     print(f"machine: {machine}")
     synth_s = measure_synth(work, num_synth)
     print(f"synth: {num_synth} images in {synth_s:.1f} s")
@@ -219,7 +199,7 @@ Reference in the same run: decoding the same files in one process (no transforms
 {loader['loader_ips'] / loader['decode_ips_one_process']:.2f}x single-process decode speed.
 """
     if not q:
-        print(f"wrote {write_section(text)}")
+        print(f"wrote {write_section('data-pipeline', text)}")
     else:
         print(text)
 

@@ -1,4 +1,4 @@
-"""The `detkit` command: synth, check-data, eval, demo."""
+"""The `detkit` command: train, eval, predict, demo, synth, check-data."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,10 @@ from typing import Sequence
 
 DEMO_DATA = Path("datasets/synth-demo")
 DEMO_SPLITS = {"train": 600, "val": 100}
+DEMO_IMAGE_SIZES = (128, 192)  # short side range: small images, so that a CPU trains the demo in minutes
+DEMO_CONFIG = "retinanet-resnet18-fpn-demo.yaml"
+DEMO_OUT = Path("runs/demo")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def _setup_logging() -> None:
@@ -122,10 +126,72 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return 1 if problems and args.strict else 0
 
 
+def _load_config(args: argparse.Namespace):
+    from .config import Config, load_config
+
+    cfg = load_config(Config, args.config, args.overrides)
+    if not cfg.name:
+        cfg.name = Path(args.config).stem
+    return cfg
+
+
+def shipped_config(name: str) -> Path:
+    """A config shipped in the repository's configs/ folder."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    return root / name
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .engine.trainer import Trainer
+
+    cfg = _load_config(args)
+    if args.output_dir:
+        cfg.runtime.output_dir = args.output_dir
+    trainer = Trainer(cfg, resume=args.resume or False, progress=not args.no_progress)
+    result = trainer.train()
+    for iou_type, r in result.get("evaluations", {}).items():
+        print(f"Evaluate annotation type *{iou_type}*")
+        print(r.summary, end="")
+    print(f"outputs in {trainer.out}: model_final.pth, metrics.jsonl, loss_curve.png, tensorboard/"
+          + (", eval/" if result else ""))
+    return 0
+
+
+def _eval_weights(args: argparse.Namespace) -> int:
+    """`detkit eval CONFIG --weights W`: detect on the config's val split and evaluate."""
+    import numpy as np
+
+    from .data.loader import build_dataset, build_test_loader
+    from .engine.inference import evaluate_model, load_detector
+    from .engine.trainer import resolve_device
+
+    cfg = _load_config(args)
+    device = resolve_device(cfg.runtime.device)
+    model, categories = load_detector(cfg, args.weights, device)
+    dataset = build_dataset(cfg.data, "val")
+    loader = build_test_loader(dataset, cfg.data, pin_memory=device.type == "cuda")
+    result = evaluate_model(model, dataset, loader, device, amp=cfg.runtime.amp, iou_types=args.iou_types,
+                            out_dir=args.out, plots=not args.no_plots,
+                            category_ids=np.array([c["id"] for c in categories]))
+    for iou_type, r in result["evaluations"].items():
+        print(f"Evaluate annotation type *{iou_type}*  ({r.num_detections:,} detections, "
+              f"{result['images_per_second']:.1f} images/s)")
+        print(r.summary, end="")
+        print(r.per_category_table())
+    if args.out:
+        print(f"wrote {args.out}/metrics.json, results.json and plots")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.coco_eval import ResultsError, evaluate, save_evaluation
     from .utils.fileio import write_json_atomic
 
+    if args.weights:
+        if not args.config:
+            print("error: --weights needs a config (the model to build and the val split)", file=sys.stderr)
+            return 2
+        return _eval_weights(args)
     gt = args.gt
     if gt is None and args.config:
         from .config import Config, load_config
@@ -137,7 +203,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     if not args.results:
-        print("error: give the detections with --results (a COCO results JSON)", file=sys.stderr)
+        print("error: give the detections with --results (a COCO results JSON) or a model with --weights",
+              file=sys.stderr)
         return 2
     from .data.coco import load_json
 
@@ -160,23 +227,114 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_paths(inputs: Sequence[str]) -> list[Path]:
+    paths = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES))
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise FileNotFoundError(f"no such image or folder: {item}")
+    return paths
+
+
+def run_predict(cfg, weights: str, inputs: Sequence[str], out_dir: str | Path, score_threshold: float) -> list[Path]:
+    """Detect on images, draw boxes, names and scores, write one PNG per image and predictions.json."""
+    import numpy as np
+    import torch
+
+    from .data.image_io import ImageDecodeError, read_image
+    from .data.loader import ImageMeta, collate
+    from .data.transforms import Sample, TransformPipeline
+    from .engine.inference import autocast, load_detector, to_original
+    from .engine.trainer import resolve_device
+    from .utils.fileio import write_json_atomic
+    from .utils.visualize import draw_detections, save_image_atomic
+
+    device = resolve_device(cfg.runtime.device)
+    model, categories = load_detector(cfg, weights, device)
+    names = [c["name"] for c in categories]
+    transform = TransformPipeline(cfg.data.test_transform, train=False)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, records = [], []
+    for i, path in enumerate(_image_paths(inputs)):
+        try:
+            image = read_image(path, cfg.data.max_image_pixels)
+        except ImageDecodeError as exc:
+            print(f"skipping {path}: {exc}", file=sys.stderr)
+            continue
+        empty = np.zeros((0, 4), np.float32)
+        sample = transform(Sample(image=image, boxes=empty, labels=np.zeros(0, np.int64), ignore_boxes=empty))
+        meta = ImageMeta(index=i, image_id=i, orig_size=(image.height, image.width), affine=sample.affine)
+        batch = collate([(sample, meta)], cfg.data.test_transform.size_divisibility, transform.fixed_size)
+        batch = batch.to(device)
+        with torch.no_grad(), autocast(device, cfg.runtime.amp):
+            detections = model(batch.images, batch.image_sizes)
+        det = to_original(detections, batch.metas)[0]
+        picture = draw_detections(image, det["boxes"], det["labels"], det["scores"], names,
+                                  score_threshold=score_threshold)
+        target = out_dir / f"{path.stem}.png"
+        written.append(save_image_atomic(picture, target))
+        keep = det["scores"] >= score_threshold
+        records.append({"file": str(path), "detections": [
+            {"box_xyxy": [round(float(v), 2) for v in b], "category_id": int(categories[lab]["id"]),
+             "name": names[lab], "score": round(float(s), 4)}
+            for b, lab, s in zip(det["boxes"][keep], det["labels"][keep], det["scores"][keep])]})
+    write_json_atomic(records, out_dir / "predictions.json")
+    return written
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    cfg = _load_config(args)
+    written = run_predict(cfg, args.weights, args.images, args.out, args.score_threshold)
+    print(f"wrote {len(written)} pictures and predictions.json to {args.out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Until a detector exists: generate the synthetic dataset if missing and print its check-data report."""
+    """Generate the synthetic dataset if missing, train the demo RetinaNet, evaluate it and draw predictions."""
+    from .config import Config, load_config
+    from .engine.trainer import Trainer
+
+    start = time.perf_counter()
     root = Path(args.data)
     missing = [s for s in DEMO_SPLITS if not (root / "annotations" / f"instances_{s}.json").is_file()]
     if missing:
         print(f"generating the synthetic dataset in {root} ...")
-        code = main(["synth", str(root), "--train", str(DEMO_SPLITS["train"]), "--val", str(DEMO_SPLITS["val"])])
+        code = main(["synth", str(root), "--train", str(DEMO_SPLITS["train"]), "--val", str(DEMO_SPLITS["val"]),
+                     "--min-size", str(DEMO_IMAGE_SIZES[0]), "--max-size", str(DEMO_IMAGE_SIZES[1])])
         if code:
             return code
     else:
         print(f"using the synthetic dataset in {root}")
-    status = 0
-    for split in DEMO_SPLITS:
-        status |= main(["check-data", str(root / "annotations" / f"instances_{split}.json"), "--images",
-                        str(root / split), "--masks", "--decode", "--strict"])
-    print("\nThe detectors arrive with the next milestone; the demo will then train and evaluate on this data.")
-    return status
+    overrides = [f"data.train.annotations={root}/annotations/instances_train.json", f"data.train.images={root}/train",
+                 f"data.val.annotations={root}/annotations/instances_val.json", f"data.val.images={root}/val",
+                 f"runtime.output_dir={args.out}", *args.overrides]
+    cfg = load_config(Config, shipped_config(DEMO_CONFIG), overrides)
+    cfg.name = cfg.name or "demo"
+    out = Path(args.out)
+    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+    result = trainer.train()
+    ap = float("nan")
+    for iou_type, r in result.get("evaluations", {}).items():
+        print(f"Evaluate annotation type *{iou_type}*")
+        print(r.summary, end="")
+        print(r.per_category_table())
+        ap = r.stats[0] if iou_type == "bbox" else ap
+    val_images = sorted((root / "val").iterdir())[:args.pictures]
+    pictures = run_predict(cfg, str(out / "model_final.pth"), [str(p) for p in val_images], out / "predictions",
+                           score_threshold=0.4)
+    minutes = (time.perf_counter() - start) / 60
+    print(f"\ndemo finished in {minutes:.1f} min: bbox AP {ap:.3f}")
+    print(f"  model:        {out / 'model_final.pth'}")
+    print(f"  loss curve:   {out / 'loss_curve.png'}")
+    print(f"  evaluation:   {out / 'eval'} (metrics.json, precision-recall and per-category plots)")
+    print(f"  predictions:  {out / 'predictions'} ({len(pictures)} pictures)")
+    print(f"  TensorBoard:  tensorboard --logdir {out / 'tensorboard'}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detkit", description="Train, evaluate and benchmark object detectors.")
     parser.add_argument("--version", action="version", version=f"detkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a detector from a config")
+    p.add_argument("config", help="a YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. solver.base_lr=0.02")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue from the run folder's last checkpoint (or from CHECKPOINT)")
+    p.add_argument("--output-dir", help="run folder (default: runtime.output_dir)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("synth", help="generate the synthetic COCO-format dataset")
     p.add_argument("out", help="dataset folder to write")
@@ -216,12 +383,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt", help="ground-truth instances JSON")
     p.add_argument("--results", help="COCO results JSON (a list of detections)")
     p.add_argument("--iou-types", nargs="+", default=["bbox"], choices=["bbox", "segm"])
+    p.add_argument("--weights", help="evaluate this model (checkpoint or weights file) on the config's val split")
     p.add_argument("--out", help="folder for metrics.json, results.json and the plots")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("demo", help="the README's demo on the synthetic dataset")
+    p = sub.add_parser("predict", help="detect objects in images and draw them")
+    p.add_argument("config", help="the detector's config")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--weights", required=True, help="checkpoint or weights file")
+    p.add_argument("--out", required=True, help="folder for the pictures and predictions.json")
+    p.add_argument("--score-threshold", type=float, default=0.3, help="draw detections scoring at least this")
+    p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("demo", help="the README's demo: train RetinaNet on the synthetic dataset, evaluate, draw")
+    p.add_argument("overrides", nargs="*", help="overrides of the demo config, key=value")
     p.add_argument("--data", default=str(DEMO_DATA), help="where the synthetic dataset lives")
+    p.add_argument("--out", default=str(DEMO_OUT), help="run folder (default runs/demo)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo run")
+    p.add_argument("--pictures", type=int, default=8, help="val images to draw predictions for")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -41,9 +41,102 @@ class InputConfig:
 
 
 @dataclass
+class BackboneConfig:
+    """The trunk. `weights`: a local ImageNet checkpoint (torchvision ResNet names, .pth or .safetensors)."""
+
+    name: Literal["resnet"] = "resnet"
+    depth: int = 50
+    style: Literal["pytorch", "caffe"] = "pytorch"
+    norm: Literal["FrozenBN", "BN", "SyncBN", "GN"] = "FrozenBN"
+    freeze_at: int = 2  # 0 trains all; 1 freezes the stem; k >= 2 also res2..res{k}
+    weights: str = ""
+
+    def __post_init__(self) -> None:
+        if self.depth not in (18, 34, 50, 101):
+            raise ConfigError(f"model.backbone.depth must be 18, 34, 50 or 101, got {self.depth}")
+        if not 0 <= self.freeze_at <= 5:
+            raise ConfigError(f"model.backbone.freeze_at must be in 0..5, got {self.freeze_at}")
+
+
+@dataclass
+class FPNConfig:
+    out_channels: int = 256
+    extra_source: Literal["c5", "p5"] = "c5"  # P6 from C5 (paper, Detectron) or from P5 (torchvision, TF)
+    min_level: int = 3
+    max_level: int = 7
+
+
+@dataclass
+class AnchorConfig:
+    """Anchors per level: side = base_size * 2^(level - min_level) * 2^(k / num_scales), k < num_scales.
+
+    base_size 32 on P3 is the paper's 4 x stride (TF writes it as anchor_size 4; SpineNet uses 3 -> 24).
+    """
+
+    base_size: float = 32.0
+    num_scales: int = 3
+    aspect_ratios: Tuple[float, ...] = (0.5, 1.0, 2.0)
+    offset: float = 0.0  # anchor centres at (i + offset) * stride: 0 (Detectron, torchvision), 0.5 (TF)
+    order: Literal["ratio_major", "size_major"] = "ratio_major"
+    truncate_sizes: bool = False  # torchvision rounds sizes down to integers
+    round_base: bool = False  # torchvision rounds the base anchors
+
+
+@dataclass
+class RetinaNetConfig:
+    """Head, target assignment, losses and post-processing of RetinaNet (defaults: the paper / Detectron)."""
+
+    num_convs: int = 4
+    head_width: int = 256
+    head_norm: Literal["", "BN", "SyncBN", "GN"] = ""
+    norm_per_level: bool = True  # SpineNet's head: shared convs, one BatchNorm per level
+    activation: Literal["relu", "swish"] = "relu"
+    prior_prob: float = 0.01
+    # matcher: IoU < fg_iou ignored from bg_iou up; fg_iou == bg_iou means no ignore band (TF)
+    fg_iou: float = 0.5
+    bg_iou: float = 0.4
+    allow_low_quality_matches: bool = True
+    crowd_ioa: float = 0.5  # background anchors covered more than this by a crowd region are ignored
+    box_coder_weights: Tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    box_loss: Literal["smooth_l1", "l1", "huber"] = "smooth_l1"
+    box_loss_beta: float = 0.11  # smooth-L1 beta or Huber delta
+    box_loss_weight: float = 1.0
+    # normaliser of both losses: "num_fg" (positives in the batch, at least 1), "num_fg_plus_one" (TF; Detectron
+    # adds 1 per image: "num_fg_plus_images"), or "ema" (detectron2: an EMA of num_fg, init 100, momentum 0.9)
+    normalizer: Literal["num_fg", "num_fg_plus_one", "num_fg_plus_images", "ema"] = "num_fg_plus_images"
+    ema_momentum: float = 0.9
+    # post-processing
+    score_threshold: float = 0.05
+    topk_per_level: int = 1000
+    nms_threshold: float = 0.5
+    max_detections: int = 100
+
+    def __post_init__(self) -> None:
+        if self.bg_iou > self.fg_iou:
+            raise ConfigError(f"model.retinanet.bg_iou ({self.bg_iou}) must be <= fg_iou ({self.fg_iou})")
+        if not 0 < self.prior_prob < 1:
+            raise ConfigError(f"model.retinanet.prior_prob must be in (0, 1), got {self.prior_prob}")
+        if self.max_detections <= 0 or self.topk_per_level <= 0:
+            raise ConfigError("model.retinanet.max_detections and topk_per_level must be > 0")
+
+
+@dataclass
 class ModelConfig:
+    arch: Literal["retinanet"] = "retinanet"
     num_classes: int = 0  # 0: take the number of categories from the training set
+    # how class outputs map to categories: "dataset" (output k is the k-th category id of the dataset, sorted) or
+    # "coco91" (output k is COCO category id k, torchvision's convention; use with num_classes 91)
+    label_space: Literal["dataset", "coco91"] = "dataset"
     input: InputConfig = field(default_factory=InputConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    fpn: FPNConfig = field(default_factory=FPNConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    retinanet: RetinaNetConfig = field(default_factory=RetinaNetConfig)
+    # a whole-detector checkpoint to start from: a detkit checkpoint or torchvision's retinanet_resnet50_fpn
+    # COCO weights (.pth read with weights_only=True, or .safetensors); class-count mismatches are skipped
+    weights: str = ""
 
     def __post_init__(self) -> None:
         if self.num_classes < 0:
@@ -134,7 +227,7 @@ class SolverConfig:
     schedule: Literal["step", "cosine"] = "step"
     steps: Tuple[int, ...] = (60_000, 80_000)
     gamma: float = 0.1
-    warmup_length: int = 1000
+    warmup_iters: int = 1000  # always optimizer steps, whatever `unit` says (TF and Detectron both count steps)
     warmup_factor: float = 0.001
     clip_grad_norm: float = 0.0  # 0: off
     accumulate: int = 1  # gradient accumulation steps per optimiser step
@@ -159,6 +252,7 @@ class RuntimeConfig:
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False  # NHWC weights and activations: faster convolutions on recent CPUs and GPUs
     output_dir: str = "runs/default"
     log_period: int = 20
     checkpoint_period: int = 5000

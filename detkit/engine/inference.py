@@ -1,0 +1,148 @@
+"""Run a detector over a dataset, map detections back to the original images, and evaluate them."""
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.loader import Batch, DetectionDataset
+from ..data.transforms import boxes_to_original
+
+
+def autocast(device: torch.device, amp: str):
+    """The autocast context for `amp` ("none", "bf16", "fp16") on `device`."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def to_original(detections, metas) -> list[dict[str, np.ndarray]]:
+    """Per image: boxes in original-image pixels (clipped to it), scores and labels, as NumPy arrays."""
+    out = []
+    for det, meta in zip(detections, metas):
+        boxes = boxes_to_original(det.boxes.float().cpu(), meta.affine)
+        h, w = meta.orig_size
+        boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w),
+                             boxes[:, 3].clamp(0, h)], dim=1).reshape(-1, 4)
+        out.append({"image_id": meta.image_id, "boxes": boxes.numpy(), "scores": det.scores.float().cpu().numpy(),
+                    "labels": det.labels.cpu().numpy()})
+    return out
+
+
+def coco_results(per_image: list[dict], category_ids: np.ndarray) -> list[dict]:
+    """COCO results entries (xywh boxes, original category ids) from `to_original` output."""
+    results = []
+    for det in per_image:
+        boxes = det["boxes"]
+        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).round(2)
+        cats = category_ids[det["labels"]]
+        results.extend({"image_id": int(det["image_id"]), "category_id": int(c), "bbox": [float(v) for v in b],
+                        "score": round(float(s), 5)} for b, c, s in zip(xywh, cats, det["scores"]))
+    return results
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, device: torch.device, amp: str = "none",
+            progress: bool = False) -> Iterator[tuple[Batch, list]]:
+    """Yield (batch, detections) over a test loader with the model in eval mode (restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(loader), desc="eval", unit="batch", dynamic_ncols=True, leave=False)
+    try:
+        for batch in loader:
+            batch_dev = batch.to(device, non_blocking=True)
+            with autocast(device, amp):
+                detections = model(batch_dev.images, batch_dev.image_sizes)
+            if bar is not None:
+                bar.update()
+            yield batch, detections
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+
+
+def evaluate_model(model: nn.Module, dataset: DetectionDataset, loader, device: torch.device, *, amp: str = "none",
+                   iou_types=("bbox",), out_dir: str | Path | None = None, plots: bool = True,
+                   progress: bool = True, category_ids: np.ndarray | None = None) -> dict:
+    """Detect on every image of `dataset`, evaluate with the COCO protocol, optionally save metrics/plots.
+
+    `category_ids[k]` is the COCO id of output k (default: the dataset's sorted category ids).
+
+    Returns:
+        {"results": COCO results list, "evaluations": {iou_type: EvalResult}, "seconds": float,
+         "images_per_second": float}
+    """
+    from ..evaluation.coco_eval import evaluate, save_evaluation
+    from ..utils.fileio import write_json_atomic
+
+    start = time.perf_counter()
+    results, num_images = [], 0
+    category_ids = dataset.coco.category_ids if category_ids is None else np.asarray(category_ids)
+    unsupported = [t for t in iou_types if t != "bbox"]
+    if unsupported:
+        raise ValueError(f"this detector predicts boxes only; cannot evaluate {unsupported}")
+    for batch, detections in predict(model, loader, device, amp, progress):
+        results.extend(coco_results(to_original(detections, batch.metas), category_ids))
+        num_images += len(batch)
+    seconds = time.perf_counter() - start
+    evaluations = {t: evaluate(dataset.coco.annotation_file, results, t) for t in iou_types}
+    if out_dir is not None:
+        save_evaluation(evaluations, out_dir, plots=plots)
+        write_json_atomic(results, Path(out_dir) / "results.json")
+    return {"results": results, "evaluations": evaluations, "seconds": seconds,
+            "images_per_second": num_images / max(seconds, 1e-9)}
+
+
+def checkpoint_categories(path: str | Path) -> list[dict] | None:
+    """The [{"id", "name"}] classes a detkit checkpoint records, or None for other weight files."""
+    if Path(path).suffix == ".safetensors":
+        return None
+    from .checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)
+    return state.get("categories") if isinstance(state, dict) else None
+
+
+def load_detector(cfg, weights: str, device: torch.device) -> tuple[nn.Module, list[dict]]:
+    """Build cfg's model for inference and load `weights` (detkit checkpoint, torchvision RetinaNet, .safetensors).
+
+    The classes come from the checkpoint when it records them (detkit checkpoints do), else from the config's
+    validation annotations; with label_space coco91, output k is COCO category id k.
+
+    Returns:
+        (model in eval mode on `device`, categories as [{"id", "name"}] in output order).
+    """
+    from ..data.coco import load_json
+    from ..modeling.build import build_model
+    from ..modeling.weights import WeightsError, convert, load_weights, read_state_dict
+
+    state = convert(read_state_dict(weights))
+    categories = checkpoint_categories(weights)
+    if categories is None and cfg.data.val.annotations and Path(cfg.data.val.annotations).is_file():
+        listed = sorted(load_json(cfg.data.val.annotations).get("categories", []), key=lambda c: c["id"])
+        categories = [{"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in listed]
+    if cfg.model.label_space == "coco91":
+        names = {c["id"]: c["name"] for c in categories or []}
+        categories = [{"id": k, "name": names.get(k, str(k))} for k in range(91)]
+    num_classes = cfg.model.num_classes or len(categories or [])
+    if not num_classes:
+        raise ValueError("cannot tell the number of classes: set model.num_classes or data.val.annotations")
+    if categories is None or len(categories) != num_classes:
+        raise ValueError(f"the model has {num_classes} classes but its categories are unknown or differ "
+                         f"({len(categories or [])}); set data.val.annotations to the dataset it was trained on")
+    model = build_model(cfg.model, num_classes)
+    report = load_weights(model, state, skip_mismatched=False)
+    if any(not k.endswith("loss_normalizer") for k in report.missing):
+        raise WeightsError(f"{weights} does not fit this config: {report.summary()}")
+    return model.to(device).eval(), categories

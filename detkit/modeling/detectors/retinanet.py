@@ -1,0 +1,260 @@
+"""RetinaNet (Lin et al. 2017): a dense one-stage detector with focal loss, on any backbone + pyramid.
+
+The detector only wires parts together; target assignment, the loss and post-processing are separate
+functions so that each can be tested (and reused by other dense detectors) alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.profiler import record_function
+
+from ...config.schema import InputConfig, RetinaNetConfig
+from ...data.transforms import normalize
+from ...ops.box_coder import BoxCoder
+from ...ops.boxes import box_ioa, box_iou
+from ...ops.losses import huber_loss, l1_loss, sigmoid_focal_loss, smooth_l1_loss
+from ...ops.nms import batched_nms
+from ..anchors import AnchorGenerator
+from ..heads.retina_head import flatten_predictions
+from ..matcher import BACKGROUND, FOREGROUND, IGNORE, Matcher
+
+
+@dataclass
+class Detections:
+    """Detections of one image in network-input pixels, by descending score."""
+
+    boxes: Tensor  # (D, 4) float32 xyxy
+    scores: Tensor  # (D,)
+    labels: Tensor  # (D,) int64, contiguous 0..K-1
+
+
+def pad_per_image(tensors: list[Tensor], width: int, fill: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Stack per-image (G_i, width) rows into (N, G_max, width) with a (N, G_max) validity mask."""
+    num = max((t.shape[0] for t in tensors), default=0)
+    device = tensors[0].device
+    out = torch.full((len(tensors), num, width), fill, dtype=tensors[0].dtype, device=device)
+    valid = torch.zeros((len(tensors), num), dtype=torch.bool, device=device)
+    for i, t in enumerate(tensors):  # a loop over images, not boxes
+        out[i, : t.shape[0]] = t.reshape(-1, width)
+        valid[i, : t.shape[0]] = True
+    return out, valid
+
+
+@torch.no_grad()
+def assign_targets(anchors: Tensor, gt_boxes: list[Tensor], gt_labels: list[Tensor], ignore_boxes: list[Tensor],
+                   matcher: Matcher, num_classes: int, crowd_ioa: float = 0.5) -> tuple[Tensor, Tensor]:
+    """Match every anchor of every image to a ground-truth box, for the whole batch at once.
+
+    Args:
+        anchors: (A, 4) anchors of all levels, concatenated.
+        gt_boxes, gt_labels: per image (G_i, 4) boxes and (G_i,) labels in 0..K-1.
+        ignore_boxes: per image (M_i, 4) crowd regions; background anchors covered by more than `crowd_ioa`
+            of their area are ignored instead (a crowd is neither an object to find nor background).
+        matcher: IoU thresholds and labels.
+        num_classes: K.
+
+    Returns:
+        gt_classes: (N, A) int64: the class in 0..K-1 for foreground, K for background, -1 for ignored.
+        matched_boxes: (N, A, 4) float32 box of the matched ground truth (meaningful for foreground only).
+    """
+    n, a = len(gt_boxes), anchors.shape[0]
+    boxes, valid = pad_per_image([b.float() for b in gt_boxes], 4)  # (N, G, 4)
+    labels, _ = pad_per_image([lab.view(-1, 1) for lab in gt_labels], 1)  # (N, G, 1)
+    g = boxes.shape[1]
+    # (N*G, A) -> (N, G, A)
+    iou = box_iou(boxes.view(-1, 4), anchors).view(n, g, a)
+    matched_idxs, match_labels = matcher(iou, valid)  # (N, A)
+    gt_classes = torch.full((n, a), num_classes, dtype=torch.int64, device=anchors.device)
+    if g > 0:
+        matched_classes = labels[..., 0].gather(1, matched_idxs)  # (N, A)
+        gt_classes = torch.where(match_labels == FOREGROUND, matched_classes, gt_classes)
+        # (N, G, 4) gathered at (N, A) -> (N, A, 4)
+        matched_boxes = boxes.gather(1, matched_idxs[..., None].expand(n, a, 4))
+    else:
+        matched_boxes = anchors[None].expand(n, a, 4).clone()
+    gt_classes[match_labels == IGNORE] = -1
+    if any(r.numel() for r in ignore_boxes):
+        regions, region_valid = pad_per_image([r.float() for r in ignore_boxes], 4)  # (N, M, 4)
+        m = regions.shape[1]
+        # (A, N*M) -> (A, N, M) -> (N, A, M)
+        ioa = box_ioa(anchors, regions.view(-1, 4)).view(a, n, m).permute(1, 0, 2)
+        covered = (ioa * region_valid[:, None, :]).amax(dim=2) > crowd_ioa  # (N, A)
+        gt_classes[covered & (match_labels == BACKGROUND)] = -1
+    return gt_classes, matched_boxes
+
+
+def retinanet_losses(pred_logits: Tensor, pred_deltas: Tensor, anchors: Tensor, gt_classes: Tensor,
+                     matched_boxes: Tensor, box_coder: BoxCoder, cfg: RetinaNetConfig,
+                     normalizer: Tensor) -> dict[str, Tensor]:
+    """Focal loss over all non-ignored anchors and box loss over foreground anchors, both divided by `normalizer`.
+
+    Args:
+        pred_logits: (N, A, K); pred_deltas: (N, A, 4); anchors: (A, 4).
+        gt_classes, matched_boxes: from `assign_targets`.
+        normalizer: scalar tensor (e.g. the number of foreground anchors).
+
+    Written with masks rather than boolean indexing so that the step needs no host synchronisation.
+    """
+    num_classes = pred_logits.shape[-1]
+    valid = gt_classes >= 0
+    foreground = valid & (gt_classes < num_classes)
+    # (N, A) -> (N, A, K+1) -> (N, A, K): background rows are all zero
+    one_hot = F.one_hot(gt_classes.clamp(min=0), num_classes + 1)[..., :num_classes].float()
+    cls_loss = sigmoid_focal_loss(pred_logits, one_hot, cfg.focal_alpha, cfg.focal_gamma)  # (N, A, K)
+    cls_loss = (cls_loss * valid[..., None]).sum()
+    n, a = gt_classes.shape
+    reference = anchors[None].expand(n, a, 4)
+    # non-foreground anchors encode against themselves: zero targets, and no log(0) from empty rows
+    target_boxes = torch.where(foreground[..., None], matched_boxes, reference)
+    box_targets = box_coder.encode(reference.reshape(-1, 4), target_boxes.reshape(-1, 4)).view(n, a, 4)
+    if cfg.box_loss == "smooth_l1":
+        box_loss = smooth_l1_loss(pred_deltas, box_targets, beta=cfg.box_loss_beta)
+    elif cfg.box_loss == "huber":
+        box_loss = huber_loss(pred_deltas, box_targets, delta=cfg.box_loss_beta)
+    else:
+        box_loss = l1_loss(pred_deltas, box_targets)
+    box_loss = (box_loss * foreground[..., None]).sum() * cfg.box_loss_weight
+    return {"loss_cls": cls_loss / normalizer, "loss_box": box_loss / normalizer}
+
+
+@torch.no_grad()
+def postprocess(pred_logits_per_level: list[Tensor], pred_deltas_per_level: list[Tensor],
+                anchors_per_level: list[Tensor], image_sizes: Tensor, box_coder: BoxCoder, *,
+                score_threshold: float, topk_per_level: int, nms_threshold: float,
+                max_detections: int) -> list[Detections]:
+    """Per level keep the top-k (anchor, class) pairs above the score threshold, decode and clip them, then
+    class-wise NMS over all levels and the best `max_detections` per image; batched over images.
+
+    Args:
+        pred_logits_per_level: per level (N, A_l, K); pred_deltas_per_level: per level (N, A_l, 4).
+        anchors_per_level: per level (A_l, 4).
+        image_sizes: (N, 2) (height, width) to clip to.
+    """
+    n = image_sizes.shape[0]
+    device = image_sizes.device
+    num_classes = pred_logits_per_level[0].shape[-1]
+    all_boxes, all_scores, all_labels = [], [], []
+    for logits, deltas, anchors in zip(pred_logits_per_level, pred_deltas_per_level, anchors_per_level):
+        # (N, A_l, K) -> (N, A_l*K): candidates are (anchor, class) pairs
+        scores = torch.sigmoid(logits.float()).flatten(1)
+        k = min(topk_per_level, scores.shape[1])
+        top_scores, top_idxs = scores.topk(k, dim=1)  # (N, k)
+        anchor_idxs, labels = top_idxs // num_classes, top_idxs % num_classes
+        # (N, A_l, 4) gathered at (N, k) -> (N, k, 4)
+        top_deltas = deltas.gather(1, anchor_idxs[..., None].expand(n, k, 4))
+        boxes = box_coder.decode(top_deltas.reshape(-1, 4), anchors[anchor_idxs.reshape(-1)]).view(n, k, 4)
+        all_boxes.append(boxes)
+        all_scores.append(top_scores)
+        all_labels.append(labels)
+    boxes = torch.cat(all_boxes, dim=1)  # (N, C, 4)
+    scores = torch.cat(all_scores, dim=1)  # (N, C)
+    labels = torch.cat(all_labels, dim=1)
+    image_idxs = torch.arange(n, device=device)[:, None].expand_as(labels)
+    # clip each image's boxes to its own size: (N, 1, 1) bounds broadcast over candidates
+    sizes = image_sizes.to(boxes)
+    boxes = torch.stack([boxes[..., 0].clamp(min=0).minimum(sizes[:, None, 1]),
+                         boxes[..., 1].clamp(min=0).minimum(sizes[:, None, 0]),
+                         boxes[..., 2].clamp(min=0).minimum(sizes[:, None, 1]),
+                         boxes[..., 3].clamp(min=0).minimum(sizes[:, None, 0])], dim=-1)
+    keep = scores.flatten() > score_threshold
+    boxes, scores = boxes.view(-1, 4)[keep], scores.flatten()[keep]
+    labels, image_idxs = labels.flatten()[keep], image_idxs.flatten()[keep]
+    # one NMS call for the batch: boxes of different (image, class) never suppress each other
+    kept = batched_nms(boxes, scores, image_idxs * num_classes + labels, nms_threshold)
+    # kept is by descending score; a stable sort by image keeps that order within each image
+    kept = kept[torch.sort(image_idxs[kept], stable=True).indices]
+    counts = torch.bincount(image_idxs[kept], minlength=n)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(kept.numel(), device=device) - starts[image_idxs[kept]]
+    kept = kept[rank < max_detections]
+    per_image = torch.bincount(image_idxs[kept], minlength=n).tolist()
+    return [Detections(b, s, lab) for b, s, lab in zip(boxes[kept].split(per_image), scores[kept].split(per_image),
+                                                       labels[kept].split(per_image))]
+
+
+class RetinaNet(nn.Module):
+    """Backbone -> pyramid -> RetinaHead; focal + box loss in training, decoded detections in eval mode.
+
+    Args (keyword-only):
+        backbone: returns a dict of feature maps.
+        neck: maps them to the ordered pyramid {"p3": ..., "p7": ...}.
+        head: a RetinaHead over those levels.
+        anchor_generator: anchors per level, in the head's layout.
+        matcher: anchor-to-ground-truth assignment.
+        box_coder: box regression parameterisation.
+        input_cfg: pixel normalisation of the uint8 input.
+        cfg: loss and post-processing settings.
+    """
+
+    def __init__(self, *, backbone: nn.Module, neck: nn.Module, head: nn.Module,
+                 anchor_generator: AnchorGenerator, matcher: Matcher, box_coder: BoxCoder,
+                 input_cfg: InputConfig, cfg: RetinaNetConfig):
+        super().__init__()
+        self.backbone, self.neck, self.head = backbone, neck, head
+        self.anchor_generator, self.matcher, self.box_coder = anchor_generator, matcher, box_coder
+        self.input_cfg, self.cfg = input_cfg, cfg
+        self.num_classes = head.num_classes
+        # detectron2's normaliser state; a buffer so that it is checkpointed and resumes exactly
+        self.register_buffer("loss_normalizer", torch.tensor(100.0))
+
+    def forward(self, images: Tensor, image_sizes: Tensor,
+                targets: list | None = None) -> dict[str, Tensor] | list[Detections]:
+        """Args:
+            images: (N, 3, H, W) uint8 RGB batch, zero-padded bottom/right.
+            image_sizes: (N, 2) (height, width) before padding.
+            targets: in training, per image an object with `boxes`, `labels`, `ignore_boxes` (loader Targets).
+
+        Returns:
+            training: {"loss_cls", "loss_box"}; eval: one `Detections` per image in network-input pixels.
+        """
+        if self.training and targets is None:
+            raise ValueError("RetinaNet needs targets in training mode")
+        # the named ranges let the profiler (benchmarks/retinanet.py) attribute time to each stage
+        with record_function("detkit.backbone"):
+            x = normalize(images, image_sizes, self.input_cfg)
+            features = self.backbone(x)
+        with record_function("detkit.neck"):
+            features = list(self.neck(features).values())
+        with record_function("detkit.head"):
+            logits_per_level, deltas_per_level = self.head(features)
+        with record_function("detkit.anchors"):
+            anchors_per_level = self.anchor_generator.grid_anchors([f.shape[-2:] for f in features], images.device)
+        k = self.num_classes
+        if self.training:
+            return self.losses(flatten_predictions(logits_per_level, k), flatten_predictions(deltas_per_level, 4),
+                               torch.cat(anchors_per_level), targets)
+        cfg = self.cfg
+        with record_function("detkit.postprocess"):
+            return postprocess([flatten_predictions([x], k) for x in logits_per_level],
+                               [flatten_predictions([x], 4) for x in deltas_per_level], anchors_per_level,
+                               image_sizes, self.box_coder, score_threshold=cfg.score_threshold,
+                               topk_per_level=cfg.topk_per_level, nms_threshold=cfg.nms_threshold,
+                               max_detections=cfg.max_detections)
+
+    def losses(self, pred_logits: Tensor, pred_deltas: Tensor, anchors: Tensor, targets: list) -> dict[str, Tensor]:
+        with record_function("detkit.assign_targets"):
+            gt_classes, matched_boxes = assign_targets(
+                anchors, [t.boxes for t in targets], [t.labels for t in targets], [t.ignore_boxes for t in targets],
+                self.matcher, self.num_classes, self.cfg.crowd_ioa)
+        num_fg = ((gt_classes >= 0) & (gt_classes < self.num_classes)).sum().float()
+        kind = self.cfg.normalizer
+        if kind == "ema":
+            with torch.no_grad():
+                m = self.cfg.ema_momentum
+                self.loss_normalizer.mul_(m).add_((1 - m) * num_fg.clamp(min=1))
+            normalizer = self.loss_normalizer.clone()
+        elif kind == "num_fg_plus_one":
+            normalizer = num_fg + 1
+        elif kind == "num_fg_plus_images":
+            normalizer = num_fg + len(targets)
+        else:
+            normalizer = num_fg.clamp(min=1)
+        with record_function("detkit.losses"):
+            losses = retinanet_losses(pred_logits, pred_deltas, anchors, gt_classes, matched_boxes, self.box_coder,
+                                      self.cfg, normalizer)
+        losses["num_fg"] = num_fg.detach() / len(targets)  # logged, not optimised
+        return losses
