@@ -259,7 +259,7 @@ def run_predict(cfg, weights: str, inputs: Sequence[str], out_dir: str | Path, s
     transform = TransformPipeline(cfg.data.test_transform, train=False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written, records = [], []
+    written, records, used_names = [], [], set()
     for i, path in enumerate(_image_paths(inputs)):
         try:
             image = read_image(path, cfg.data.max_image_pixels)
@@ -276,10 +276,12 @@ def run_predict(cfg, weights: str, inputs: Sequence[str], out_dir: str | Path, s
         det = to_original(detections, batch.metas)[0]
         picture = draw_detections(image, det["boxes"], det["labels"], det["scores"], names,
                                   score_threshold=score_threshold)
-        target = out_dir / f"{path.stem}.png"
+        name = path.stem if path.stem not in used_names else f"{path.stem}_{i}"  # same stem in two folders
+        used_names.add(name)
+        target = out_dir / f"{name}.png"
         written.append(save_image_atomic(picture, target))
         keep = det["scores"] >= score_threshold
-        records.append({"file": str(path), "detections": [
+        records.append({"file": str(path), "picture": target.name, "detections": [
             {"box_xyxy": [round(float(v), 2) for v in b], "category_id": int(categories[lab]["id"]),
              "name": names[lab], "score": round(float(s), 4)}
             for b, lab, s in zip(det["boxes"][keep], det["labels"][keep], det["scores"][keep])]})
@@ -413,10 +415,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .config import ConfigError
 
+    from .data.coco import DatasetError
+    from .engine.checkpoint import CheckpointError
+    from .modeling.weights import WeightsError
+
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, DatasetError, WeightsError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         sys.stderr.close()

@@ -49,6 +49,7 @@ class BackboneConfig:
     style: Literal["pytorch", "caffe"] = "pytorch"
     norm: Literal["FrozenBN", "BN", "SyncBN", "GN"] = "FrozenBN"
     freeze_at: int = 2  # 0 trains all; 1 freezes the stem; k >= 2 also res2..res{k}
+    norm_eps: float = 1e-5  # torchvision's COCO detection weights were trained with 0
     weights: str = ""
 
     def __post_init__(self) -> None:
@@ -80,6 +81,9 @@ class AnchorConfig:
     order: Literal["ratio_major", "size_major"] = "ratio_major"
     truncate_sizes: bool = False  # torchvision rounds sizes down to integers
     round_base: bool = False  # torchvision rounds the base anchors
+    # "nominal": level l's anchors are 2^l apart; "image_over_grid" (torchvision): padded image size // grid
+    # size per axis, which differs on P6/P7 when the padded size is not a multiple of 128
+    stride_mode: Literal["nominal", "image_over_grid"] = "nominal"
 
 
 @dataclass

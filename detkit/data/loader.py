@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..config.load import ConfigError
 from ..config.schema import DataConfig
 from .coco import CocoDataset
 from .image_io import ImageDecodeError, read_annotated_image
@@ -229,7 +230,7 @@ def build_dataset(cfg: DataConfig, split: str) -> DetectionDataset:
     """The `train` or `val` split of `cfg` as a DetectionDataset (the reader's report is on `.coco.report`)."""
     ds_cfg = cfg.train if split == "train" else cfg.val
     if not ds_cfg.annotations:
-        raise ValueError(f"data.{split}.annotations is not set")
+        raise ConfigError(f"data.{split}.annotations is not set")
     train = split == "train"
     coco = CocoDataset.load(ds_cfg.annotations, ds_cfg.images, filter_empty=train and cfg.filter_empty,
                             load_masks=cfg.load_masks, min_box_size=cfg.min_box_size, on_invalid=cfg.on_invalid)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from ..data.loader import Batch, DetectionDataset
 from ..data.transforms import boxes_to_original
 
@@ -91,7 +92,7 @@ def evaluate_model(model: nn.Module, dataset: DetectionDataset, loader, device: 
     category_ids = dataset.coco.category_ids if category_ids is None else np.asarray(category_ids)
     unsupported = [t for t in iou_types if t != "bbox"]
     if unsupported:
-        raise ValueError(f"this detector predicts boxes only; cannot evaluate {unsupported}")
+        raise ConfigError(f"eval.iou_types: this detector predicts boxes only; cannot evaluate {unsupported}")
     for batch, detections in predict(model, loader, device, amp, progress):
         results.extend(coco_results(to_original(detections, batch.metas), category_ids))
         num_images += len(batch)
@@ -137,12 +138,13 @@ def load_detector(cfg, weights: str, device: torch.device) -> tuple[nn.Module, l
         categories = [{"id": k, "name": names.get(k, str(k))} for k in range(91)]
     num_classes = cfg.model.num_classes or len(categories or [])
     if not num_classes:
-        raise ValueError("cannot tell the number of classes: set model.num_classes or data.val.annotations")
+        raise ConfigError("cannot tell the number of classes: set model.num_classes or data.val.annotations")
     if categories is None or len(categories) != num_classes:
-        raise ValueError(f"the model has {num_classes} classes but its categories are unknown or differ "
+        raise ConfigError(f"the model has {num_classes} classes but its categories are unknown or differ "
                          f"({len(categories or [])}); set data.val.annotations to the dataset it was trained on")
     model = build_model(cfg.model, num_classes)
     report = load_weights(model, state, skip_mismatched=False)
-    if any(not k.endswith("loss_normalizer") for k in report.missing):
-        raise WeightsError(f"{weights} does not fit this config: {report.summary()}")
+    if report.unexpected or any(not k.endswith("loss_normalizer") for k in report.missing):
+        raise WeightsError(f"{weights} does not fit this config (was it trained with another one?):\n"
+                           f"{report.summary()}")
     return model.to(device).eval(), categories

@@ -52,7 +52,10 @@ def load_model_weights(model: nn.Module, path: str, *, backbone_only: bool = Fal
     if backbone_only:
         state = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in state.items()}
     report = load_weights(target, state)
-    return f"{path}: {report.summary()}"
+    if report.missing or report.mismatched or report.unexpected:
+        logger.warning("%s does not fit the model completely (those tensors keep their initialisation):\n%s",
+                       path, report.summary())
+    return f"{path}: {len(report.loaded)} tensors loaded"
 
 
 class Trainer:
@@ -92,6 +95,10 @@ class Trainer:
         if cfg.model.backbone.weights:
             logger.info("backbone weights %s", load_model_weights(self.model, cfg.model.backbone.weights,
                                                                    backbone_only=True))
+        elif cfg.model.backbone.freeze_at > 0 and not cfg.model.weights:
+            logger.warning("model.backbone.freeze_at is %d but no model.backbone.weights are given: the frozen "
+                           "layers keep their random initialisation. Set the weights, or freeze_at: 0 to train "
+                           "from scratch.", cfg.model.backbone.freeze_at)
         if cfg.model.weights:
             logger.info("model weights %s", load_model_weights(self.model, cfg.model.weights))
 
@@ -189,7 +196,7 @@ class Trainer:
                 self.iteration += 1
                 images_since_log += self.total_batch
                 smoothed.update(losses)
-                if bar is not None:
+                if bar is not None and "loss" in smoothed.meters:
                     means = smoothed.medians()
                     bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                                     img_s=f"{self.total_batch / (time.perf_counter() - step_start):.1f}",
@@ -222,7 +229,7 @@ class Trainer:
         return result
 
     def _step(self, data_iter) -> dict[str, float]:
-        """One optimiser step over `accumulate` batches; returns the losses of this step as floats."""
+        """One optimiser step over `accumulate` batches; returns its losses as floats ({} when skipped)."""
         solver, amp = self.cfg.solver, self.cfg.runtime.amp
         totals: dict[str, torch.Tensor] = {}
         for _ in range(solver.accumulate):
@@ -234,20 +241,21 @@ class Trainer:
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0) + v.detach().float() / solver.accumulate
             totals["loss"] = totals.get("loss", 0) + loss.detach().float()
-        if solver.clip_grad_norm > 0:
+        if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
-            totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), solver.clip_grad_norm)
+        # the global gradient norm (clipped to solver.clip_grad_norm when set) also tells a NaN gradient apart
+        max_norm = solver.clip_grad_norm if solver.clip_grad_norm > 0 else float("inf")
+        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         values = {k: float(v) for k, v in totals.items()}  # one host sync per step, for logging
-        if not math.isfinite(values["loss"]):
-            # a non-finite loss must not reach the weights; the step is skipped and counted
-            self.skipped_steps += 1
-            logger.warning("iteration %d: non-finite loss %s, step skipped", self.iteration, values)
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler.is_enabled():
-                self.scaler.update(self.scaler.get_scale() / 2)
-        else:
+        if math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"]):
             self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            # a non-finite loss or gradient must not reach the weights: skip the step and count it (with fp16 the
+            # scaler also lowers its scale)
+            self.skipped_steps += 1
+            logger.warning("iteration %d: non-finite loss or gradient %s, step skipped", self.iteration + 1, values)
+            values = {}
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return values

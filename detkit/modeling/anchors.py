@@ -26,6 +26,8 @@ class AnchorGenerator:
         order: `ratio_major` (torchvision: anchor a = ratio * num_sizes + size) or `size_major`
             (detectron2); only matters for loading weights trained elsewhere.
         round_base: round the per-level base anchors to integers (torchvision does).
+        stride_mode: "nominal" places level l's anchors `strides[l]` apart; "image_over_grid" (torchvision) uses
+            padded image size // grid size per axis, so pass `image_size` to `grid_anchors`.
     """
 
     strides: Sequence[int]
@@ -34,6 +36,7 @@ class AnchorGenerator:
     offset: float = 0.0
     order: Literal["ratio_major", "size_major"] = "ratio_major"
     round_base: bool = False
+    stride_mode: Literal["nominal", "image_over_grid"] = "nominal"
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -69,15 +72,26 @@ class AnchorGenerator:
         base = torch.stack([-ws, -hs, ws, hs], dim=1) / 2
         return (base.round() if self.round_base else base).float()
 
-    def grid_anchors(self, shapes: Sequence[tuple[int, int]], device: torch.device | str = "cpu") -> list[Tensor]:
-        """Anchors of each level for feature maps of the given (H, W) shapes: a list of (H*W*A, 4) float32."""
+    def grid_anchors(self, shapes: Sequence[tuple[int, int]], device: torch.device | str = "cpu",
+                     image_size: tuple[int, int] | None = None) -> list[Tensor]:
+        """Anchors of each level for feature maps of the given (H, W) shapes: a list of (H*W*A, 4) float32.
+
+        `image_size` is the padded (height, width) of the batch; stride_mode "image_over_grid" needs it.
+        """
+        if self.stride_mode == "image_over_grid" and image_size is None:
+            raise ValueError("stride_mode 'image_over_grid' needs the padded image size")
         out = []
         for level, (h, w) in enumerate(shapes):
-            key = (level, int(h), int(w), str(device))
+            if self.stride_mode == "image_over_grid":
+                stride_y, stride_x = int(image_size[0]) // int(h), int(image_size[1]) // int(w)
+            else:
+                stride_y = stride_x = self.strides[level]
+            key = (level, int(h), int(w), stride_y, stride_x, str(device))
             if key not in self._cache:
-                stride = self.strides[level]
-                xs = (torch.arange(w, dtype=torch.float32, device=device) + self.offset) * stride
-                ys = (torch.arange(h, dtype=torch.float32, device=device) + self.offset) * stride
+                if len(self._cache) > 256:  # many distinct input sizes: keep memory bounded
+                    self._cache.clear()
+                xs = (torch.arange(w, dtype=torch.float32, device=device) + self.offset) * stride_x
+                ys = (torch.arange(h, dtype=torch.float32, device=device) + self.offset) * stride_y
                 cy, cx = torch.meshgrid(ys, xs, indexing="ij")
                 centers = torch.stack([cx, cy, cx, cy], dim=-1).reshape(-1, 1, 4)  # (H*W, 1, 4)
                 # (H*W, 1, 4) + (1, A, 4) -> (H*W*A, 4)

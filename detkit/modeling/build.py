@@ -19,7 +19,8 @@ def build_resnet_fpn(cfg: ModelConfig) -> tuple[ResNet, FPN]:
                          f"{f.min_level}..{f.max_level}")
     in_features = [f"res{level}" for level in range(f.min_level, 6)]
     b = cfg.backbone
-    backbone = ResNet(depth=b.depth, style=b.style, norm=b.norm, freeze_at=b.freeze_at, out_features=in_features)
+    backbone = ResNet(depth=b.depth, style=b.style, norm=b.norm, freeze_at=b.freeze_at, out_features=in_features,
+                      norm_eps=b.norm_eps)
     neck = FPN([backbone.out_channels[name] for name in in_features], in_features, out_channels=f.out_channels,
                first_level=f.min_level, extra_levels=f.max_level - 5, extra_source=f.extra_source)
     return backbone, neck
@@ -29,7 +30,7 @@ def build_anchor_generator(cfg: ModelConfig, strides: list[int]) -> AnchorGenera
     a = cfg.anchors
     sizes = [octave_sizes(a.base_size * s / strides[0], a.num_scales, a.truncate_sizes) for s in strides]
     return AnchorGenerator(strides=strides, sizes=sizes, aspect_ratios=a.aspect_ratios, offset=a.offset,
-                           order=a.order, round_base=a.round_base)
+                           order=a.order, round_base=a.round_base, stride_mode=a.stride_mode)
 
 
 def build_retinanet(cfg: ModelConfig, num_classes: int) -> RetinaNet:

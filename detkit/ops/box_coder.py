@@ -31,10 +31,12 @@ class BoxCoder:
             ref_center = reference[:, :2] + 0.5 * ref_wh
             wh = boxes[:, 2:] - boxes[:, :2]
             center = boxes[:, :2] + 0.5 * wh
-            w = torch.tensor(self.weights, dtype=torch.float32, device=reference.device)
-            d_center = w[:2] * (center - ref_center) / ref_wh
-            d_size = w[2:] * torch.log(wh / ref_wh)
-            return torch.cat([d_center, d_size], dim=1)
+            # Python-float weights: no small host-to-device copy (a CUDA sync) on every call
+            wx, wy, ww, wh_weight = self.weights
+            d_center = (center - ref_center) / ref_wh
+            d_size = torch.log(wh / ref_wh)
+            return torch.stack([wx * d_center[:, 0], wy * d_center[:, 1], ww * d_size[:, 0],
+                                wh_weight * d_size[:, 1]], dim=1)
 
     def decode(self, deltas: Tensor, reference: Tensor) -> Tensor:
         """(N, 4) deltas applied to (N, 4) reference boxes -> (N, 4) xyxy boxes (float32).
@@ -49,9 +51,10 @@ class BoxCoder:
             deltas = deltas.reshape(n, k, 4)
             ref_wh = (reference[:, 2:] - reference[:, :2])[:, None, :]
             ref_center = reference[:, None, :2] + 0.5 * ref_wh
-            w = torch.tensor(self.weights, dtype=torch.float32, device=deltas.device)
-            center = deltas[..., :2] / w[:2] * ref_wh + ref_center
-            d_size = (deltas[..., 2:] / w[2:]).clamp(max=self.scale_clamp)
+            wx, wy, ww, wh = self.weights
+            # (N, K, 2) deltas over per-coordinate weights, without a host-to-device copy
+            center = torch.stack([deltas[..., 0] / wx, deltas[..., 1] / wy], dim=-1) * ref_wh + ref_center
+            d_size = torch.stack([deltas[..., 2] / ww, deltas[..., 3] / wh], dim=-1).clamp(max=self.scale_clamp)
             half = 0.5 * torch.exp(d_size) * ref_wh
             # (N, K, 4) -> (N, K*4)
             return torch.cat([center - half, center + half], dim=-1).reshape(n, k * 4)

@@ -44,3 +44,16 @@ def test_areas_and_ratios_are_right():
         torch.testing.assert_close(areas, torch.tensor(gen.sizes[level]).float().expand(3, 3))
         ratios = (wh[:, 1] / wh[:, 0]).reshape(3, 3)[:, 0]
         torch.testing.assert_close(ratios, torch.tensor([0.5, 1.0, 2.0]))
+
+
+def test_image_over_grid_strides_follow_torchvision():
+    # torchvision: stride = padded size // grid size per axis; at 800x1088, P7's 7x9 grid is 114 x 120 apart
+    gen = AnchorGenerator(strides=[128], sizes=[(512.0,)], aspect_ratios=(1.0,), stride_mode="image_over_grid")
+    anchors = gen.grid_anchors([(7, 9)], image_size=(800, 1088))[0]
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2  # (63, 2) x, y
+    assert centres[1, 0].item() == 120 and centres[9, 1].item() == 114
+    assert centres[-1].tolist() == [8 * 120, 6 * 114]
+    nominal = AnchorGenerator(strides=[128], sizes=[(512.0,)], aspect_ratios=(1.0,)).grid_anchors([(7, 9)])[0]
+    assert ((nominal[:, :2] + nominal[:, 2:]) / 2)[-1].tolist() == [8 * 128, 6 * 128]
+    with pytest.raises(ValueError, match="padded image size"):
+        gen.grid_anchors([(7, 9)])

@@ -10,7 +10,7 @@ from typing import Literal, Sequence
 
 from torch import Tensor, nn
 
-from ..norm import freeze, make_norm
+from ..norm import FrozenBatchNorm2d, freeze, make_norm
 
 DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
           101: ("bottleneck", (3, 4, 23, 3))}
@@ -75,10 +75,11 @@ class ResNet(nn.Module):
         freeze_at: 0 trains everything; 1 freezes the stem; k >= 2 also freezes res2..res{k} (detectron2's
             FREEZE_AT). Frozen parts get no gradients and their BatchNorms become frozen.
         out_features: stage names to return.
+        norm_eps: epsilon of every norm layer (0 for torchvision's COCO detection weights).
     """
 
     def __init__(self, depth: int = 50, style: Literal["pytorch", "caffe"] = "pytorch", norm: str = "FrozenBN",
-                 freeze_at: int = 2, out_features: Sequence[str] = ("res3", "res4", "res5")):
+                 freeze_at: int = 2, out_features: Sequence[str] = ("res3", "res4", "res5"), norm_eps: float = 1e-5):
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"ResNet depth must be one of {sorted(DEPTHS)}, got {depth}")
@@ -104,6 +105,9 @@ class ResNet(nn.Module):
         self.out_channels = {name: channels[name] for name in self.out_features}
         self.out_strides = {name: strides[name] for name in self.out_features}
         self._init_weights()
+        for m in self.modules():  # torchvision's COCO detectors were trained with eps 0 in their frozen BNs
+            if isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)):
+                m.eps = norm_eps
         if freeze_at >= 1:
             self.conv1, self.bn1 = freeze(self.conv1), freeze(self.bn1)
         for i in range(1, min(freeze_at, 5)):

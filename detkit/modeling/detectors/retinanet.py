@@ -135,7 +135,7 @@ def postprocess(pred_logits_per_level: list[Tensor], pred_deltas_per_level: list
         image_sizes: (N, 2) (height, width) to clip to.
     """
     n = image_sizes.shape[0]
-    device = image_sizes.device
+    device = pred_logits_per_level[0].device
     num_classes = pred_logits_per_level[0].shape[-1]
     all_boxes, all_scores, all_labels = [], [], []
     for logits, deltas, anchors in zip(pred_logits_per_level, pred_deltas_per_level, anchors_per_level):
@@ -222,7 +222,8 @@ class RetinaNet(nn.Module):
         with record_function("detkit.head"):
             logits_per_level, deltas_per_level = self.head(features)
         with record_function("detkit.anchors"):
-            anchors_per_level = self.anchor_generator.grid_anchors([f.shape[-2:] for f in features], images.device)
+            anchors_per_level = self.anchor_generator.grid_anchors([f.shape[-2:] for f in features], images.device,
+                                                                   image_size=images.shape[-2:])
         k = self.num_classes
         if self.training:
             return self.losses(flatten_predictions(logits_per_level, k), flatten_predictions(deltas_per_level, 4),
