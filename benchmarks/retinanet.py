@@ -118,17 +118,15 @@ def measure_model(repeats: int, size: int) -> dict:
 
 def measure_demo(eval_every: int, quick: bool) -> dict:
     """Train the demo config, evaluating every `eval_every` iterations; AP against training seconds."""
-    from detkit.cli import DEMO_CONFIG, DEMO_DATA, DEMO_SPLITS, shipped_config
+    from detkit.cli import DEMO_CONFIG, DEMO_DATA, DEMO_IMAGE_SIZES, DEMO_SPLITS, demo_overrides, shipped_config
     from detkit.config import Config, load_config
     from detkit.data.synth import generate
     from detkit.engine import trainer as trainer_module
 
     root = ROOT / DEMO_DATA
     if not (root / "annotations" / "instances_val.json").is_file():
-        generate(root, dict(DEMO_SPLITS))
-    overrides = [f"data.train.annotations={root}/annotations/instances_train.json", f"data.train.images={root}/train",
-                 f"data.val.annotations={root}/annotations/instances_val.json", f"data.val.images={root}/val",
-                 "runtime.output_dir=/tmp/detkit-bench/demo", f"eval.period={eval_every}", "eval.plots=false"]
+        generate(root, dict(DEMO_SPLITS), min_size=DEMO_IMAGE_SIZES[0], max_size=DEMO_IMAGE_SIZES[1])
+    overrides = [*demo_overrides(root, "/tmp/detkit-bench/demo"), f"eval.period={eval_every}", "eval.plots=false"]
     if quick:
         overrides.append("solver.max_length=1")
     cfg = load_config(Config, shipped_config(DEMO_CONFIG), overrides)

@@ -296,6 +296,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo_overrides(root: str | Path, out: str | Path) -> list[str]:
+    """Point the demo config at the synthetic dataset in `root` and its run folder at `out`."""
+    return [f"data.train.annotations={root}/annotations/instances_train.json", f"data.train.images={root}/train",
+            f"data.val.annotations={root}/annotations/instances_val.json", f"data.val.images={root}/val",
+            f"runtime.output_dir={out}"]
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Generate the synthetic dataset if missing, train the demo RetinaNet, evaluate it and draw predictions."""
     from .config import Config, load_config
@@ -312,10 +319,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return code
     else:
         print(f"using the synthetic dataset in {root}")
-    overrides = [f"data.train.annotations={root}/annotations/instances_train.json", f"data.train.images={root}/train",
-                 f"data.val.annotations={root}/annotations/instances_val.json", f"data.val.images={root}/val",
-                 f"runtime.output_dir={args.out}", *args.overrides]
-    cfg = load_config(Config, shipped_config(DEMO_CONFIG), overrides)
+    cfg = load_config(Config, shipped_config(DEMO_CONFIG), [*demo_overrides(root, args.out), *args.overrides])
     cfg.name = cfg.name or "demo"
     out = Path(args.out)
     trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)

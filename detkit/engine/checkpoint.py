@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from detkit.utils.fileio import write_bytes_atomic
+from detkit.utils.fileio import write_atomic, write_bytes_atomic
 
 POINTER = "last_checkpoint"
 FINAL = "model_final.pth"
@@ -93,16 +93,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], keep_last: int = 0)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(path, lambda f: torch.save(state, f))
     _fsync_dir(path.parent)  # the checkpoint's rename must be on disk before the pointer names it
     write_bytes_atomic(path.name.encode(), path.parent / POINTER)
     _fsync_dir(path.parent)

@@ -105,16 +105,6 @@ def evaluate_model(model: nn.Module, dataset: DetectionDataset, loader, device: 
             "images_per_second": num_images / max(seconds, 1e-9)}
 
 
-def checkpoint_categories(path: str | Path) -> list[dict] | None:
-    """The [{"id", "name"}] classes a detkit checkpoint records, or None for other weight files."""
-    if Path(path).suffix == ".safetensors":
-        return None
-    from .checkpoint import load_checkpoint
-
-    state = load_checkpoint(path)
-    return state.get("categories") if isinstance(state, dict) else None
-
-
 def load_detector(cfg, weights: str, device: torch.device) -> tuple[nn.Module, list[dict]]:
     """Build cfg's model for inference and load `weights` (detkit checkpoint, torchvision RetinaNet, .safetensors).
 
@@ -126,10 +116,11 @@ def load_detector(cfg, weights: str, device: torch.device) -> tuple[nn.Module, l
     """
     from ..data.coco import load_json
     from ..modeling.build import build_model
-    from ..modeling.weights import WeightsError, convert, load_weights, read_state_dict
+    from ..modeling.weights import WeightsError, convert, load_weights, read_weights_file, state_dict_of
 
-    state = convert(read_state_dict(weights))
-    categories = checkpoint_categories(weights)
+    stored = read_weights_file(weights)  # read once: detkit checkpoints also record their classes
+    state = convert(state_dict_of(stored, weights))
+    categories = stored.get("categories") if isinstance(stored, dict) else None
     if categories is None and cfg.data.val.annotations and Path(cfg.data.val.annotations).is_file():
         listed = sorted(load_json(cfg.data.val.annotations).get("categories", []), key=lambda c: c["id"])
         categories = [{"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in listed]

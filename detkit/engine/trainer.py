@@ -246,7 +246,9 @@ class Trainer:
         # the global gradient norm (clipped to solver.clip_grad_norm when set) also tells a NaN gradient apart
         max_norm = solver.clip_grad_norm if solver.clip_grad_norm > 0 else float("inf")
         totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        values = {k: float(v) for k, v in totals.items()}  # one host sync per step, for logging
+        names = list(totals)
+        # one host sync per step, for logging and the finiteness check
+        values = dict(zip(names, torch.stack([torch.as_tensor(totals[k]).float() for k in names]).tolist()))
         if math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"]):
             self.scaler.step(self.optimizer)
         else:

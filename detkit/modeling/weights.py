@@ -11,7 +11,7 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors.torch import load_file
@@ -28,30 +28,20 @@ class WeightsError(RuntimeError):
     """A weights file that cannot be read safely, or a state dict that does not fit."""
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Read a state dict from `.safetensors` or a PyTorch file, never executing code stored in it.
-
-    Pickled files go through `torch.load(weights_only=True)`, which only rebuilds tensors and plain containers.
-    Checkpoints that wrap the weights ({"model": ...}, {"state_dict": ...}, {"model_state": ...}) are unwrapped,
-    and a DistributedDataParallel "module." prefix is removed.
-
-    Args:
-        path: the file.
-
-    Returns:
-        {name: tensor} on the CPU.
+def read_weights_file(path: str | Path) -> Any:
+    """Load `.safetensors` or a PyTorch file as stored (a detkit checkpoint stays a whole dict), never executing
+    code stored in it: pickled files go through `torch.load(weights_only=True)`.
 
     Raises:
-        WeightsError: the file is missing, corrupt or truncated, holds Python objects, or holds no state dict.
+        WeightsError: the file is missing, corrupt or truncated, or holds Python objects.
     """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
     try:
         if path.suffix == ".safetensors":
-            obj = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e):
             raise WeightsError(f"{path} contains Python objects that detkit will not execute (loading them could run "
@@ -59,16 +49,34 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         raise WeightsError(f"{path} is not a readable weights file: {_first_line(e)}") from None
     except Exception as e:  # zip, EOF and safetensors header errors all mean a damaged file
         raise WeightsError(f"{path} is corrupt or truncated ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def state_dict_of(obj: Any, source: str | Path = "<weights>") -> dict[str, Tensor]:
+    """The {name: tensor} inside a loaded weights file: containers ({"model": ...}, {"state_dict": ...},
+    {"model_state": ...}) are unwrapped and a DistributedDataParallel "module." prefix is removed.
+
+    Raises:
+        WeightsError: `obj` holds no state dict.
+    """
     while isinstance(obj, Mapping) and any(isinstance(obj.get(k), Mapping) for k in _CONTAINER_KEYS):
         obj = next(obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), Mapping))
     if not isinstance(obj, Mapping) or not obj:
-        raise WeightsError(f"{path} holds no state dict (found {type(obj).__name__})")
+        raise WeightsError(f"{source} holds no state dict (found {type(obj).__name__})")
     not_tensors = [k for k, v in obj.items() if not isinstance(v, Tensor)]
     if not_tensors:
-        raise WeightsError(f"{path} is not a state dict: entries {_few(not_tensors)} are not tensors")
+        raise WeightsError(f"{source} is not a state dict: entries {_few(not_tensors)} are not tensors")
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return dict(obj)
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read a state dict from `.safetensors` or a PyTorch file safely (see `read_weights_file`, `state_dict_of`).
+
+    Returns:
+        {name: tensor} on the CPU.
+    """
+    return state_dict_of(read_weights_file(path), path)
 
 
 def torchvision_resnet_to_detkit(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
