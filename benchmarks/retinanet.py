@@ -188,7 +188,8 @@ convolutions; "convolutions" is the self time of the convolution operators, forw
 
 Outside the convolutional network (anchors, target assignment, losses, post-processing):
 **{100 * sum(m['infer_split'][k] for k in outside):.1f}%** of inference and
-**{100 * sum(m['train_split'][k] for k in outside):.1f}%** of the training step's forward pass time.
+**{100 * sum(m['train_split'][k] for k in outside):.1f}%** of the training step's wall time (their forward
+passes only; the step takes {m['train'] / m['train_conv']:.2f}x its convolutional part alone, backward included).
 """
     if not args.skip_demo:
         d = measure_demo(args.eval_every, args.quick)
