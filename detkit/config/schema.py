@@ -219,10 +219,11 @@ class DataConfig:
 class SolverConfig:
     """Optimisation. Lengths are in iterations unless `unit` is `epochs`."""
 
-    optimizer: Literal["sgd"] = "sgd"
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     base_lr: float = 0.01
     reference_batch_size: int = 16  # base_lr is for this total batch; the LR scales linearly with the real one
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD only
+    betas: Tuple[float, float] = (0.9, 0.999)  # AdamW only
     weight_decay: float = 1e-4
     weight_decay_norm: float = 0.0
     weight_decay_bias: float = 0.0

@@ -1,4 +1,4 @@
-"""The SGD optimizer, with separate weight decay for normalisation weights and biases."""
+"""SGD or AdamW, with separate weight decay for normalisation weights and biases."""
 from __future__ import annotations
 
 import torch
@@ -11,8 +11,8 @@ NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, 
               nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.RMSNorm)
 
 
-def build_optimizer(model: nn.Module, solver: SolverConfig, lr: float) -> torch.optim.SGD:
-    """SGD with momentum over the trainable parameters of `model`, in up to three groups.
+def build_optimizer(model: nn.Module, solver: SolverConfig, lr: float) -> torch.optim.Optimizer:
+    """SGD with momentum (or AdamW, decoupled decay) over the trainable parameters of `model`, in up to three groups.
 
     `no_decay_bias` takes every bias (normalisation biases included, as in detectron2) with
     `solver.weight_decay_bias`; `no_decay_norm` the other parameters of normalisation layers with
@@ -21,7 +21,7 @@ def build_optimizer(model: nn.Module, solver: SolverConfig, lr: float) -> torch.
 
     Args:
         model: the network to train.
-        solver: momentum and the three weight decays.
+        solver: the optimizer kind, its momentum or betas, and the three weight decays.
         lr: the learning rate, already scaled to the real batch (see `scaled_lr`).
 
     Returns:
@@ -46,4 +46,6 @@ def build_optimizer(model: nn.Module, solver: SolverConfig, lr: float) -> torch.
              "no_decay_bias": solver.weight_decay_bias}
     groups = [{"name": name, "params": group, "weight_decay": decay[name], "lr": lr, "initial_lr": lr}
               for name, group in params.items() if group]
+    if solver.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(solver.betas))
     return torch.optim.SGD(groups, lr=lr, momentum=solver.momentum)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from detkit.ops import huber_loss, l1_loss, sigmoid_focal_loss, smooth_l1_loss
+from detkit.ops import huber_loss, l1_loss, sigmoid_focal_loss, sigmoid_focal_loss_from_labels, smooth_l1_loss
 
 
 def test_focal_loss_hand_computed():
@@ -56,3 +56,53 @@ def test_empty_inputs():
         assert sigmoid_focal_loss(e, e, reduction=reduction).item() == 0.0
         assert smooth_l1_loss(e, e, reduction=reduction).item() == 0.0
     assert not math.isnan(l1_loss(e, e, reduction="mean").item())
+
+
+def _dense_reference(logits, labels, alpha, gamma):
+    k = logits.shape[-1]
+    rows = torch.where(labels >= 0, labels, k)  # ignored rows (-1) have all-zero targets, like background (k)
+    one_hot = torch.nn.functional.one_hot(rows, k + 1)[..., :k].to(logits.dtype)
+    return sigmoid_focal_loss(logits, one_hot, alpha, gamma).sum(-1)
+
+
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (-1.0, 0.0), (0.5, 1.5)])
+def test_focal_loss_from_labels_equals_dense_one_hot(alpha, gamma):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 50, 7, generator=g) * 4).requires_grad_()
+    labels = torch.randint(-1, 8, (2, 50), generator=g)  # -1 ignored, 0..6 foreground, 7 background
+    assert {-1, 0, 7} <= set(labels.unique().tolist())
+    upstream = torch.rand(2, 50, generator=g)
+    got = sigmoid_focal_loss_from_labels(logits, labels, alpha, gamma)
+    (got_grad,) = torch.autograd.grad((got * upstream).sum(), logits)
+    ref = _dense_reference(logits, labels, alpha, gamma)
+    (ref_grad,) = torch.autograd.grad((ref * upstream).sum(), logits)
+    assert got.shape == (2, 50) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_focal_loss_from_labels_gradcheck():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 4, dtype=torch.float64, generator=g).requires_grad_()
+    labels = torch.tensor([0, 3, 4, -1, 2])
+    assert torch.autograd.gradcheck(lambda a: sigmoid_focal_loss_from_labels(a, labels, 0.25, 2.0), (x,))
+    assert torch.autograd.gradcheck(lambda a: sigmoid_focal_loss_from_labels(a, labels, -1, 1.5), (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_focal_loss_from_labels_half_inputs(dtype):
+    logits = torch.tensor([[30.0, -30.0, 0.0], [-30.0, 30.0, 2.0]], dtype=dtype, requires_grad=True)
+    labels = torch.tensor([0, 3])
+    loss = sigmoid_focal_loss_from_labels(logits, labels)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+    loss.sum().backward()
+    assert logits.grad.dtype == dtype and torch.isfinite(logits.grad).all()
+    torch.testing.assert_close(loss, _dense_reference(logits.detach().float(), labels, 0.25, 2.0))
+
+
+def test_focal_loss_from_labels_empty():
+    logits = torch.zeros(0, 5, requires_grad=True)
+    loss = sigmoid_focal_loss_from_labels(logits, torch.zeros(0, dtype=torch.int64))
+    assert loss.shape == (0,)
+    loss.sum().backward()
+    assert logits.grad.shape == (0, 5)

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 
@@ -16,7 +15,7 @@ from ...config.schema import InputConfig, RetinaNetConfig
 from ...data.transforms import normalize
 from ...ops.box_coder import BoxCoder
 from ...ops.boxes import box_ioa, box_iou
-from ...ops.losses import huber_loss, l1_loss, sigmoid_focal_loss, smooth_l1_loss
+from ...ops.losses import huber_loss, l1_loss, sigmoid_focal_loss_from_labels, smooth_l1_loss
 from ...ops.nms import batched_nms
 from ..anchors import AnchorGenerator
 from ..heads.retina_head import flatten_predictions
@@ -102,10 +101,9 @@ def retinanet_losses(pred_logits: Tensor, pred_deltas: Tensor, anchors: Tensor, 
     num_classes = pred_logits.shape[-1]
     valid = gt_classes >= 0
     foreground = valid & (gt_classes < num_classes)
-    # (N, A) -> (N, A, K+1) -> (N, A, K): background rows are all zero
-    one_hot = F.one_hot(gt_classes.clamp(min=0), num_classes + 1)[..., :num_classes].float()
-    cls_loss = sigmoid_focal_loss(pred_logits, one_hot, cfg.focal_alpha, cfg.focal_gamma)  # (N, A, K)
-    cls_loss = (cls_loss * valid[..., None]).sum()
+    # (N, A, K) -> (N, A): the one-hot targets of gt_classes, background rows all zero
+    cls_loss = sigmoid_focal_loss_from_labels(pred_logits, gt_classes, cfg.focal_alpha, cfg.focal_gamma)
+    cls_loss = (cls_loss * valid).sum()
     n, a = gt_classes.shape
     reference = anchors[None].expand(n, a, 4)
     # non-foreground anchors encode against themselves: zero targets, and no log(0) from empty rows
