@@ -89,3 +89,63 @@ def test_training_learns_and_the_cli_evaluates_and_predicts(synth_root, tmp_path
     assert [p.stem for p in pictures] == sorted(p.stem for p in images)
     predictions = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     assert len(predictions) == 2 and all(d["score"] >= 0.2 for p in predictions for d in p["detections"])
+
+
+def test_a_non_finite_loss_skips_the_step_and_training_goes_on(synth_root, tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(synth_root, tmp_path / "nan", val=False, max_length=4), progress=False)
+    forward = trainer.model.forward
+    calls = []
+
+    def nan_on_second_call(*args, **kwargs):
+        calls.append(1)
+        losses = forward(*args, **kwargs)
+        if len(calls) == 2:
+            losses["loss_cls"] = losses["loss_cls"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(trainer.model, "forward", nan_on_second_call)
+    before_nan_step = {}
+
+    step = trainer._step
+
+    def snapshot_before_second_step(data_iter):
+        if len(calls) == 1:
+            before_nan_step.update({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        values = step(data_iter)
+        if len(calls) == 2:
+            assert values == {}  # nothing logged for the skipped step
+            for name, param in trainer.model.named_parameters():
+                assert torch.equal(param, before_nan_step[name]), name
+        return values
+
+    monkeypatch.setattr(trainer, "_step", snapshot_before_second_step)
+    trainer.train()
+    assert trainer.skipped_steps == 1 and trainer.iteration == 4 and len(calls) == 4
+    final = trainer.model.state_dict()
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+    # the steps after the skipped one moved the weights again
+    assert not torch.equal(final["head.cls_logits.weight"], before_nan_step["head.cls_logits.weight"])
+    state = torch.load(tmp_path / "nan" / "model_final.pth", weights_only=True)
+    assert state["skipped_steps"] == 1
+
+
+def test_demo_generates_data_trains_evaluates_and_draws(tmp_path, monkeypatch, capsys):
+    import detkit.cli
+
+    monkeypatch.setattr(detkit.cli, "DEMO_SPLITS", {"train": 6, "val": 3})
+    data, out = tmp_path / "data", tmp_path / "demo"
+    assert main(["demo", "--data", str(data), "--out", str(out), "--pictures", "2", "--no-progress",
+                 "solver.unit=iterations", "solver.max_length=2", "solver.warmup_iters=1", "data.batch_size=2",
+                 "data.num_workers=0", "eval.plots=false"]) == 0
+    printed = capsys.readouterr().out
+    assert "generating the synthetic dataset" in printed
+    assert printed.count("Average Precision  (AP) @[") == 6 and printed.count("Average Recall     (AR) @[") == 6
+    assert "demo finished in" in printed
+    assert len(list((data / "train").iterdir())) == 6 and len(list((data / "val").iterdir())) == 3
+    assert (out / "model_final.pth").is_file() and (out / "loss_curve.png").is_file()
+    assert len(list((out / "predictions").glob("*.png"))) == 2
+    # a second demo reuses the dataset
+    assert main(["demo", "--data", str(data), "--out", str(tmp_path / "again"), "--pictures", "0", "--no-progress",
+                 "solver.unit=iterations", "solver.max_length=1", "solver.warmup_iters=1", "data.batch_size=2",
+                 "data.num_workers=0", "eval.plots=false"]) == 0
+    assert "using the synthetic dataset" in capsys.readouterr().out
