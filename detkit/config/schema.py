@@ -62,7 +62,9 @@ class BackboneConfig:
 @dataclass
 class FPNConfig:
     out_channels: int = 256
-    extra_source: Literal["c5", "p5"] = "c5"  # P6 from C5 (paper, Detectron) or from P5 (torchvision, TF)
+    # P6 (and P7) by a stride-2 conv from C5 (paper, Detectron) or from P5 (torchvision, TF), or "pool": P6 as
+    # a stride-2 subsampling of P5 (Faster/Mask R-CNN FPN)
+    extra_source: Literal["c5", "p5", "pool"] = "c5"
     min_level: int = 3
     max_level: int = 7
 
@@ -127,8 +129,107 @@ class RetinaNetConfig:
 
 
 @dataclass
+class RPNConfig:
+    """Region proposal network (defaults: detectron2's FPN; the C4 configs raise the top-k, reference sheet 3.1).
+
+    Anchors: one size per pyramid level (FPN: 32 on P2 ... 512 on P6, `anchor_sizes` has one entry per level) or
+    all sizes on the single C4 level (32..512, 15 anchors per location).
+    """
+
+    anchor_sizes: Tuple[float, ...] = (32.0, 64.0, 128.0, 256.0, 512.0)
+    aspect_ratios: Tuple[float, ...] = (0.5, 1.0, 2.0)
+    fg_iou: float = 0.7
+    bg_iou: float = 0.3
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    crowd_ioa: float = 0.5  # background anchors covered more than this by a crowd region are ignored
+    pre_nms_topk_train: int = 2000  # per level (FPN) / per image (C4)
+    pre_nms_topk_test: int = 1000
+    post_nms_topk_train: int = 1000  # per image
+    post_nms_topk_test: int = 1000
+    nms_threshold: float = 0.7
+    min_box_size: float = 0.0
+    box_loss: Literal["smooth_l1", "l1"] = "l1"
+    box_loss_beta: float = 0.0
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.bg_iou > self.fg_iou:
+            raise ConfigError(f"model.rpn.bg_iou ({self.bg_iou}) must be <= fg_iou ({self.fg_iou})")
+        if not 0 < self.positive_fraction <= 1 or self.batch_size_per_image <= 0:
+            raise ConfigError("model.rpn.positive_fraction must be in (0, 1] and batch_size_per_image > 0")
+
+
+@dataclass
+class RoIHeadsConfig:
+    """The second stage: RoI sampling, pooling, box head and predictor, losses and post-processing.
+
+    `head`: "2mlp" (FPN: RoIAlign 7x7 on P2-P5, two 1024-d fc layers) or "res5" (C4: RoIAlign on res4, then the
+    ResNet's res5 stage and global average pooling; Detectron pools 14x14 with res5 stride 2, SimpleDet's
+    C5-*ROI heads pool 7x7 with `res5_stride: 1`).
+    """
+
+    head: Literal["2mlp", "res5"] = "2mlp"
+    fc_dim: int = 1024
+    res5_stride: int = 2
+    pooler_resolution: int = 7
+    sampling_ratio: int = 0  # samples per bin and axis; 0: adaptive, ceil(roi size / output size)
+    aligned: bool = True  # half-pixel RoIAlign (detectron2); False: the legacy form (Detectron, torchvision)
+    canonical_size: float = 224.0  # FPN level assignment: level = floor(4 + log2(sqrt(area) / canonical_size))
+    canonical_level: int = 4
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    fg_iou: float = 0.5  # IoU >= fg_iou: foreground; below: background
+    append_gt: bool = True  # ground-truth boxes join the proposals during training
+    class_agnostic: bool = False  # one box regression for all classes (SimpleDet C4, Cascade R-CNN)
+    box_coder_weights: Tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
+    box_loss: Literal["smooth_l1", "l1"] = "l1"
+    box_loss_beta: float = 0.0
+    # post-processing
+    score_threshold: float = 0.05
+    nms_threshold: float = 0.5
+    max_detections: int = 100
+
+    def __post_init__(self) -> None:
+        if not 0 < self.positive_fraction <= 1 or self.batch_size_per_image <= 0:
+            raise ConfigError("model.roi_heads.positive_fraction must be in (0, 1] and batch_size_per_image > 0")
+        if self.res5_stride not in (1, 2):
+            raise ConfigError(f"model.roi_heads.res5_stride must be 1 or 2, got {self.res5_stride}")
+
+
+@dataclass
+class MaskHeadConfig:
+    """Mask R-CNN's mask branch: RoIAlign `pooler_resolution` -> `num_convs` 3x3 convs -> 2x deconv -> per-class
+    logits at twice the pooled size (FPN: 14 -> 28). With the res5 head (C4) it runs on the box branch's res5
+    output (7x7 -> 14x14) and `num_convs` is 0."""
+
+    num_convs: int = 4
+    conv_dim: int = 256
+    pooler_resolution: int = 14
+    sampling_ratio: int = 0
+    class_agnostic: bool = False
+    loss_weight: float = 1.0
+    threshold: float = 0.5  # probability at which a pasted mask pixel belongs to the object
+
+
+@dataclass
+class CascadeConfig:
+    """Cascade R-CNN's stages (Cai & Vasconcelos 2018): each its own 2mlp head with class-agnostic regression."""
+
+    ious: Tuple[float, ...] = (0.5, 0.6, 0.7)
+    box_coder_weights: Tuple[Tuple[float, float, float, float], ...] = (
+        (10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
+    stage_loss_weights: Tuple[float, ...] = (1.0, 0.5, 0.25)
+
+    def __post_init__(self) -> None:
+        if not len(self.ious) == len(self.box_coder_weights) == len(self.stage_loss_weights):
+            raise ConfigError("model.cascade: ious, box_coder_weights and stage_loss_weights need one entry per "
+                              "stage")
+
+
+@dataclass
 class ModelConfig:
-    arch: Literal["retinanet"] = "retinanet"
+    arch: Literal["retinanet", "faster_rcnn", "mask_rcnn", "cascade_rcnn"] = "retinanet"
     num_classes: int = 0  # 0: take the number of categories from the training set
     # how class outputs map to categories: "dataset" (output k is the k-th category id of the dataset, sorted) or
     # "coco91" (output k is COCO category id k, torchvision's convention; use with num_classes 91)
@@ -138,6 +239,10 @@ class ModelConfig:
     fpn: FPNConfig = field(default_factory=FPNConfig)
     anchors: AnchorConfig = field(default_factory=AnchorConfig)
     retinanet: RetinaNetConfig = field(default_factory=RetinaNetConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
+    mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
     # a whole-detector checkpoint to start from: a detkit checkpoint or torchvision's retinanet_resnet50_fpn
     # COCO weights (.pth read with weights_only=True, or .safetensors); class-count mismatches are skipped
     weights: str = ""

@@ -17,39 +17,40 @@ def _upcast(t: Tensor) -> Tensor:
 
 
 def box_area(boxes: Tensor) -> Tensor:
-    """Areas of (N, 4) xyxy boxes -> (N,). Degenerate boxes (x1 < x0) have area 0."""
+    """Areas of (..., N, 4) xyxy boxes -> (..., N). Degenerate boxes (x1 < x0) have area 0."""
     boxes = _upcast(boxes)
-    return (boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
 
 
 def box_intersection(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Pairwise intersection areas of (N, 4) and (M, 4) boxes -> (N, M)."""
+    """Pairwise intersection areas of (..., N, 4) and (..., M, 4) boxes -> (..., N, M) (leading dims broadcast)."""
     boxes1, boxes2 = _upcast(boxes1), _upcast(boxes2)
-    top_left = torch.maximum(boxes1[:, None, :2], boxes2[None, :, :2])  # (N, M, 2)
-    bottom_right = torch.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    top_left = torch.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])  # (..., N, M, 2)
+    bottom_right = torch.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
     wh = (bottom_right - top_left).clamp(min=0)
     return wh[..., 0] * wh[..., 1]
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Pairwise IoU of (N, 4) and (M, 4) xyxy boxes -> (N, M) in float32 (float64 for float64 input).
+    """Pairwise IoU of (..., N, 4) and (..., M, 4) xyxy boxes -> (..., N, M) in float32 (float64 for float64
+    input); leading dims (e.g. images of a batch) broadcast.
 
     A pair whose union is empty (two degenerate boxes) has IoU 0.
     """
     with torch.autocast(device_type=boxes1.device.type, enabled=False):
         inter = box_intersection(boxes1, boxes2)
-        union = box_area(boxes1)[:, None] + box_area(boxes2)[None, :] - inter
+        union = box_area(boxes1)[..., :, None] + box_area(boxes2)[..., None, :] - inter
         return torch.where(union > 0, inter / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(inter))
 
 
 def box_ioa(boxes: Tensor, regions: Tensor) -> Tensor:
-    """Intersection over the area of each box in `boxes` (N, 4) with `regions` (M, 4) -> (N, M).
+    """Intersection over the area of each box in `boxes` (..., N, 4) with `regions` (..., M, 4) -> (..., N, M).
 
     This is how COCO treats crowd regions: the share of a detection (or anchor) covered by the region.
     """
     with torch.autocast(device_type=boxes.device.type, enabled=False):
         inter = box_intersection(boxes, regions)
-        area = box_area(boxes)[:, None]
+        area = box_area(boxes)[..., :, None]
         return torch.where(area > 0, inter / area.clamp(min=torch.finfo(area.dtype).tiny), torch.zeros_like(inter))
 
 

@@ -33,3 +33,18 @@ def test_no_extra_levels_and_gradients_flow():
     assert list(out) == ["p2", "p3"]
     sum(v.sum() for v in out.values()).backward()
     assert feats["b"].grad.abs().sum() > 0  # the coarse input reaches P2 through the top-down path
+
+
+def test_pooled_p6_of_the_faster_rcnn_fpn():
+    # Faster/Mask R-CNN FPN: P2-P5 plus P6 = 1x1 stride-2 max-pool of P5, no parameters (torchvision: 3.34 M)
+    fpn = FPN([256, 512, 1024, 2048], ["res2", "res3", "res4", "res5"], first_level=2, extra_levels=1,
+              extra_source="pool")
+    feats = {f"res{i}": torch.randn(1, c, 2 ** (8 - i), 2 ** (8 - i))
+             for i, c in zip(range(2, 6), (256, 512, 1024, 2048))}
+    out = fpn(feats)
+    assert list(out) == ["p2", "p3", "p4", "p5", "p6"] and fpn.out_strides["p6"] == 64
+    torch.testing.assert_close(out["p6"], out["p5"][..., ::2, ::2])
+    laterals = (256 + 512 + 1024 + 2048) * 256 + 4 * 256
+    assert sum(p.numel() for p in fpn.parameters()) == laterals + 4 * (256 * 256 * 9 + 256)
+    with pytest.raises(ValueError, match="one level"):
+        FPN([8], ["a"], extra_levels=2, extra_source="pool")

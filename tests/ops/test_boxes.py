@@ -38,6 +38,17 @@ def test_iou_matches_slow_reference():
     torch.testing.assert_close(box_iou(a, b).double(), _slow_iou(a, b), atol=1e-6, rtol=1e-5)
 
 
+def test_iou_and_ioa_batched_over_images():
+    a = torch.stack([_random_boxes(7, 3), _random_boxes(7, 4)])  # (2, 7, 4)
+    b = torch.stack([_random_boxes(5, 5), _random_boxes(5, 6)])  # (2, 5, 4)
+    iou, ioa = box_iou(a, b), box_ioa(a, b)
+    assert iou.shape == ioa.shape == (2, 7, 5)
+    for i in range(2):
+        torch.testing.assert_close(iou[i], box_iou(a[i], b[i]))
+        torch.testing.assert_close(ioa[i], box_ioa(a[i], b[i]))
+    torch.testing.assert_close(box_area(a), torch.stack([box_area(a[0]), box_area(a[1])]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_iou_in_half_precision_is_computed_in_float32(dtype):
     a = torch.tensor([[0.0, 0, 900, 900]], dtype=dtype)  # area overflows float16

@@ -5,8 +5,6 @@ functions so that each can be tested (and reused by other dense detectors) alone
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 from torch.autograd.profiler import record_function
@@ -16,31 +14,10 @@ from ...data.transforms import normalize
 from ...ops.box_coder import BoxCoder
 from ...ops.boxes import box_ioa, box_iou
 from ...ops.losses import huber_loss, l1_loss, sigmoid_focal_loss_from_labels, smooth_l1_loss
-from ...ops.nms import batched_nms
 from ..anchors import AnchorGenerator
+from ..batching import Detections, nms_per_image, pad_per_image
 from ..heads.retina_head import flatten_predictions
 from ..matcher import BACKGROUND, FOREGROUND, IGNORE, Matcher
-
-
-@dataclass
-class Detections:
-    """Detections of one image in network-input pixels, by descending score."""
-
-    boxes: Tensor  # (D, 4) float32 xyxy
-    scores: Tensor  # (D,)
-    labels: Tensor  # (D,) int64, contiguous 0..K-1
-
-
-def pad_per_image(tensors: list[Tensor], width: int, fill: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Stack per-image (G_i, width) rows into (N, G_max, width) with a (N, G_max) validity mask."""
-    num = max((t.shape[0] for t in tensors), default=0)
-    device = tensors[0].device
-    out = torch.full((len(tensors), num, width), fill, dtype=tensors[0].dtype, device=device)
-    valid = torch.zeros((len(tensors), num), dtype=torch.bool, device=device)
-    for i, t in enumerate(tensors):  # a loop over images, not boxes
-        out[i, : t.shape[0]] = t.reshape(-1, width)
-        valid[i, : t.shape[0]] = True
-    return out, valid
 
 
 @torch.no_grad()
@@ -161,15 +138,8 @@ def postprocess(pred_logits_per_level: list[Tensor], pred_deltas_per_level: list
     keep = scores.flatten() > score_threshold
     boxes, scores = boxes.view(-1, 4)[keep], scores.flatten()[keep]
     labels, image_idxs = labels.flatten()[keep], image_idxs.flatten()[keep]
-    # one NMS call for the batch: boxes of different (image, class) never suppress each other
-    kept = batched_nms(boxes, scores, image_idxs * num_classes + labels, nms_threshold)
-    # kept is by descending score; a stable sort by image keeps that order within each image
-    kept = kept[torch.sort(image_idxs[kept], stable=True).indices]
-    counts = torch.bincount(image_idxs[kept], minlength=n)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(kept.numel(), device=device) - starts[image_idxs[kept]]
-    kept = kept[rank < max_detections]
-    per_image = torch.bincount(image_idxs[kept], minlength=n).tolist()
+    kept, per_image = nms_per_image(boxes, scores, labels, image_idxs, n, num_classes, nms_threshold=nms_threshold,
+                                    max_detections=max_detections)
     return [Detections(b, s, lab) for b, s, lab in zip(boxes[kept].split(per_image), scores[kept].split(per_image),
                                                        labels[kept].split(per_image))]
 
