@@ -23,28 +23,39 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def to_original(detections, metas) -> list[dict[str, np.ndarray]]:
-    """Per image: boxes in original-image pixels (clipped to it), scores and labels, as NumPy arrays."""
+def to_original(detections, metas, mask_threshold: float = 0.5) -> list[dict]:
+    """Per image: boxes in original-image pixels (clipped to it), scores and labels, as NumPy arrays; with
+    Mask R-CNN also "masks", the masks pasted into the original image at `mask_threshold`, as COCO RLEs."""
     out = []
     for det, meta in zip(detections, metas):
-        boxes = boxes_to_original(det.boxes.float().cpu(), meta.affine)
+        unclipped = boxes_to_original(det.boxes.float().cpu(), meta.affine).reshape(-1, 4)
         h, w = meta.orig_size
-        boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w),
-                             boxes[:, 3].clamp(0, h)], dim=1).reshape(-1, 4)
-        out.append({"image_id": meta.image_id, "boxes": boxes.numpy(), "scores": det.scores.float().cpu().numpy(),
-                    "labels": det.labels.cpu().numpy()})
+        boxes = torch.stack([unclipped[:, 0].clamp(0, w), unclipped[:, 1].clamp(0, h), unclipped[:, 2].clamp(0, w),
+                             unclipped[:, 3].clamp(0, h)], dim=1).reshape(-1, 4)
+        entry = {"image_id": meta.image_id, "boxes": boxes.numpy(), "scores": det.scores.float().cpu().numpy(),
+                 "labels": det.labels.cpu().numpy()}
+        if getattr(det, "mask_probs", None) is not None:
+            from ..modeling.mask_ops import masks_to_rle, paste_masks
+
+            # the box's mask is resampled into the original image, where COCO evaluates it
+            entry["masks"] = masks_to_rle(paste_masks(det.mask_probs.float().cpu(), unclipped, (h, w),
+                                                      threshold=mask_threshold))
+        out.append(entry)
     return out
 
 
 def coco_results(per_image: list[dict], category_ids: np.ndarray) -> list[dict]:
-    """COCO results entries (xywh boxes, original category ids) from `to_original` output."""
+    """COCO results entries (xywh boxes, original category ids, RLE masks when present) from `to_original`."""
     results = []
     for det in per_image:
         boxes = det["boxes"]
         xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).round(2)
         cats = category_ids[det["labels"]]
-        results.extend({"image_id": int(det["image_id"]), "category_id": int(c), "bbox": [float(v) for v in b],
-                        "score": round(float(s), 5)} for b, c, s in zip(xywh, cats, det["scores"]))
+        entries = [{"image_id": int(det["image_id"]), "category_id": int(c), "bbox": [float(v) for v in b],
+                    "score": round(float(s), 5)} for b, c, s in zip(xywh, cats, det["scores"])]
+        for entry, rle in zip(entries, det.get("masks", ())):
+            entry["segmentation"] = rle
+        results.extend(entries)
     return results
 
 
@@ -90,7 +101,7 @@ def evaluate_model(model: nn.Module, dataset: DetectionDataset, loader, device: 
     start = time.perf_counter()
     results, num_images = [], 0
     category_ids = dataset.coco.category_ids if category_ids is None else np.asarray(category_ids)
-    unsupported = [t for t in iou_types if t != "bbox"]
+    unsupported = [t for t in iou_types if t != "bbox" and not (t == "segm" and getattr(model, "has_masks", False))]
     if unsupported:
         raise ConfigError(f"eval.iou_types: this detector predicts boxes only; cannot evaluate {unsupported}")
     for batch, detections in predict(model, loader, device, amp, progress):

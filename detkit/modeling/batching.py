@@ -16,6 +16,7 @@ class Detections:
     boxes: Tensor  # (D, 4) float32 xyxy
     scores: Tensor  # (D,)
     labels: Tensor  # (D,) int64, contiguous 0..K-1
+    mask_probs: Tensor | None = None  # (D, M, M) mask probabilities inside each box (Mask R-CNN)
 
 
 def pad_per_image(tensors: list[Tensor], width: int, fill: float = 0.0) -> tuple[Tensor, Tensor]:

@@ -5,10 +5,15 @@ from ..config.schema import ModelConfig
 from ..ops.box_coder import BoxCoder
 from .anchors import AnchorGenerator, octave_sizes
 from .backbones.resnet import ResNet
+from .detectors.rcnn import BoxStage, TwoStageDetector
 from .detectors.retinanet import RetinaNet
 from .heads.retina_head import RetinaHead
 from .matcher import BACKGROUND, FOREGROUND, IGNORE, Matcher
 from .necks.fpn import FPN
+from .poolers import MultiScaleRoIPooler
+from .roi_heads.box_head import BoxPredictor, Res5Head, TwoMLPHead, take_res5
+from .roi_heads.mask_head import MaskRCNNHead
+from .rpn import RPN, RPNHead
 
 
 def build_resnet_fpn(cfg: ModelConfig) -> tuple[ResNet, FPN]:
@@ -49,8 +54,79 @@ def build_retinanet(cfg: ModelConfig, num_classes: int) -> RetinaNet:
                      box_coder=BoxCoder(tuple(r.box_coder_weights)), input_cfg=cfg.input, cfg=r)
 
 
+def build_two_stage(cfg: ModelConfig, num_classes: int) -> TwoStageDetector:
+    """Faster, Mask or Cascade R-CNN (`cfg.arch`) with the FPN "2mlp" head or the C4 "res5" head."""
+    r, rp, b = cfg.roi_heads, cfg.rpn, cfg.backbone
+    if r.head == "2mlp":
+        backbone, neck = build_resnet_fpn(cfg)
+        rpn_features = list(neck.out_features)  # P2-P6
+        roi_features = [name for name in rpn_features if int(name[1:]) <= 5]  # RoIs pool from P2-P5
+        strides = [neck.out_strides[name] for name in rpn_features]
+        channels = neck.out_channels
+        if len(rp.anchor_sizes) != len(strides):
+            raise ValueError(f"model.rpn.anchor_sizes needs one size per RPN level ({len(strides)}: "
+                             f"{rpn_features}), got {list(rp.anchor_sizes)}")
+        sizes = [(size,) for size in rp.anchor_sizes]
+    else:  # C4: RPN and RoIs on res4, res5 runs per RoI in the box head
+        backbone, neck = ResNet(depth=b.depth, style=b.style, norm=b.norm, freeze_at=b.freeze_at,
+                                out_features=["res4"], norm_eps=b.norm_eps), None
+        rpn_features = roi_features = ["res4"]
+        strides, channels = [backbone.out_strides["res4"]], backbone.out_channels["res4"]
+        sizes = [tuple(rp.anchor_sizes)]
+    a = cfg.anchors
+    anchor_generator = AnchorGenerator(strides=strides, sizes=sizes, aspect_ratios=rp.aspect_ratios, offset=a.offset,
+                                       order=a.order, round_base=a.round_base, stride_mode=a.stride_mode)
+    rpn = RPN(head=RPNHead(channels, anchor_generator.num_anchors), anchor_generator=anchor_generator,
+              matcher=Matcher((rp.bg_iou, rp.fg_iou), (BACKGROUND, IGNORE, FOREGROUND), True),
+              box_coder=BoxCoder((1.0, 1.0, 1.0, 1.0)), pre_nms_topk_train=rp.pre_nms_topk_train,
+              pre_nms_topk_test=rp.pre_nms_topk_test, post_nms_topk_train=rp.post_nms_topk_train,
+              post_nms_topk_test=rp.post_nms_topk_test, nms_threshold=rp.nms_threshold,
+              min_box_size=rp.min_box_size, batch_size_per_image=rp.batch_size_per_image,
+              positive_fraction=rp.positive_fraction, box_loss=rp.box_loss, box_loss_beta=rp.box_loss_beta,
+              loss_weight=rp.loss_weight, crowd_ioa=rp.crowd_ioa)
+    roi_strides = [strides[rpn_features.index(name)] for name in roi_features]
+
+    def pooler(resolution: int, sampling_ratio: int) -> MultiScaleRoIPooler:
+        return MultiScaleRoIPooler(resolution, [1.0 / s for s in roi_strides], sampling_ratio=sampling_ratio,
+                                   aligned=r.aligned, canonical_size=r.canonical_size,
+                                   canonical_level=r.canonical_level)
+
+    cascade = cfg.arch == "cascade_rcnn"
+    if cascade:
+        ious, coders, weights = cfg.cascade.ious, cfg.cascade.box_coder_weights, cfg.cascade.stage_loss_weights
+    else:
+        ious, coders, weights = (r.fg_iou,), (r.box_coder_weights,), (1.0,)
+    stages = []
+    res5_channels = 0
+    for iou, coder, weight in zip(ious, coders, weights):
+        if r.head == "2mlp":
+            head = TwoMLPHead(channels, r.pooler_resolution, r.fc_dim)
+        else:
+            if cascade:
+                raise ValueError("Cascade R-CNN needs the 2mlp head (model.roi_heads.head: 2mlp)")
+            head = Res5Head(take_res5(backbone), stride=r.res5_stride)
+            res5_channels = head.out_features
+        predictor = BoxPredictor(head.out_features, num_classes, class_agnostic=cascade or r.class_agnostic)
+        stages.append(BoxStage(head, predictor, BoxCoder(tuple(coder)), iou, weight))
+    mask_pooler = mask_head = None
+    if cfg.arch == "mask_rcnn":
+        m = cfg.mask_head
+        if r.head == "2mlp":
+            mask_pooler = pooler(m.pooler_resolution, m.sampling_ratio)
+            mask_head = MaskRCNNHead(channels, num_classes, num_convs=m.num_convs, conv_dim=m.conv_dim,
+                                     class_agnostic=m.class_agnostic)
+        else:  # C4: the mask head reads the box head's res5 map
+            mask_head = MaskRCNNHead(res5_channels, num_classes, num_convs=0, conv_dim=m.conv_dim,
+                                     class_agnostic=m.class_agnostic)
+    return TwoStageDetector(backbone=backbone, neck=neck, rpn=rpn, rpn_features=rpn_features,
+                            roi_features=roi_features, box_pooler=pooler(r.pooler_resolution, r.sampling_ratio),
+                            stages=stages, input_cfg=cfg.input, cfg=r, mask_pooler=mask_pooler, mask_head=mask_head,
+                            mask_cfg=cfg.mask_head)
+
+
 # the one table from config names to builders
-ARCHITECTURES = {"retinanet": build_retinanet}
+ARCHITECTURES = {"retinanet": build_retinanet, "faster_rcnn": build_two_stage, "mask_rcnn": build_two_stage,
+                 "cascade_rcnn": build_two_stage}
 
 
 def build_model(cfg: ModelConfig, num_classes: int | None = None):

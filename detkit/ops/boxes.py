@@ -63,6 +63,15 @@ def clip_boxes(boxes: Tensor, size: tuple[int, int] | Tensor) -> Tensor:
     return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
 
 
+def clip_boxes_per_image(boxes: Tensor, image_sizes: Tensor) -> Tensor:
+    """Clip (N, ..., 4) xyxy boxes of a batch to each image's own (height, width) from (N, 2)."""
+    # (N, 2) -> (N, 1, ..., 1) bounds that broadcast over the boxes of each image
+    sizes = image_sizes.to(boxes).view(-1, *([1] * (boxes.dim() - 2)), 2)
+    w, h = sizes[..., 1], sizes[..., 0]
+    return torch.stack([boxes[..., 0].clamp(min=0).minimum(w), boxes[..., 1].clamp(min=0).minimum(h),
+                        boxes[..., 2].clamp(min=0).minimum(w), boxes[..., 3].clamp(min=0).minimum(h)], dim=-1)
+
+
 def nonempty(boxes: Tensor, min_size: float = 0.0) -> Tensor:
     """Mask (N,) of boxes whose width and height both exceed `min_size`."""
     return ((boxes[:, 2] - boxes[:, 0]) > min_size) & ((boxes[:, 3] - boxes[:, 1]) > min_size)

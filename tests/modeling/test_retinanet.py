@@ -12,7 +12,8 @@ from detkit.modeling.detectors.retinanet import assign_targets, postprocess, ret
 from detkit.modeling.matcher import Matcher
 from detkit.ops.box_coder import BoxCoder
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")
+                 if p.name.startswith("retinanet-"))
 
 
 def _targets(boxes, labels, ignore=()):

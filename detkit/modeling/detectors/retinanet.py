@@ -12,7 +12,7 @@ from torch.autograd.profiler import record_function
 from ...config.schema import InputConfig, RetinaNetConfig
 from ...data.transforms import normalize
 from ...ops.box_coder import BoxCoder
-from ...ops.boxes import box_ioa, box_iou
+from ...ops.boxes import box_ioa, box_iou, clip_boxes_per_image
 from ...ops.losses import huber_loss, l1_loss, sigmoid_focal_loss_from_labels, smooth_l1_loss
 from ..anchors import AnchorGenerator
 from ..batching import Detections, nms_per_image, pad_per_image
@@ -129,12 +129,7 @@ def postprocess(pred_logits_per_level: list[Tensor], pred_deltas_per_level: list
     scores = torch.cat(all_scores, dim=1)  # (N, C)
     labels = torch.cat(all_labels, dim=1)
     image_idxs = torch.arange(n, device=device)[:, None].expand_as(labels)
-    # clip each image's boxes to its own size: (N, 1, 1) bounds broadcast over candidates
-    sizes = image_sizes.to(boxes)
-    boxes = torch.stack([boxes[..., 0].clamp(min=0).minimum(sizes[:, None, 1]),
-                         boxes[..., 1].clamp(min=0).minimum(sizes[:, None, 0]),
-                         boxes[..., 2].clamp(min=0).minimum(sizes[:, None, 1]),
-                         boxes[..., 3].clamp(min=0).minimum(sizes[:, None, 0])], dim=-1)
+    boxes = clip_boxes_per_image(boxes, image_sizes)
     keep = scores.flatten() > score_threshold
     boxes, scores = boxes.view(-1, 4)[keep], scores.flatten()[keep]
     labels, image_idxs = labels.flatten()[keep], image_idxs.flatten()[keep]

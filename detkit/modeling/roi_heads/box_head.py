@@ -1,0 +1,83 @@
+"""Box heads on pooled RoI features and the class/box predictor of Faster R-CNN."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class TwoMLPHead(nn.Module):
+    """The FPN box head ("2MLP"): flatten (C, R, R) -> fc `fc_dim` -> ReLU -> fc `fc_dim` -> ReLU."""
+
+    def __init__(self, in_channels: int, resolution: int, fc_dim: int = 1024):
+        super().__init__()
+        self.fc6 = nn.Linear(in_channels * resolution * resolution, fc_dim)
+        self.fc7 = nn.Linear(fc_dim, fc_dim)
+        self.out_features = fc_dim
+        for fc in (self.fc6, self.fc7):  # detectron2's c2_xavier_fill
+            nn.init.kaiming_uniform_(fc.weight, a=1)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # (R, C, r, r) -> (R, C*r*r) -> (R, fc_dim)
+        return torch.relu(self.fc7(torch.relu(self.fc6(x.flatten(1)))))
+
+
+class Res5Head(nn.Module):
+    """The C4 box head: the ResNet's res5 stage on RoI features pooled from res4, then global average pooling.
+
+    Detectron pools 14x14 and keeps res5's stride 2 (-> 7x7); SimpleDet's C5-*ROI heads pool 7x7 and run res5
+    with stride 1. `feature_map` keeps the res5 output for the C4 mask head.
+    """
+
+    def __init__(self, res5: nn.Sequential, stride: int = 2):
+        super().__init__()
+        self.res5 = res5
+        if stride == 1:
+            _set_first_block_stride(self.res5, 1)
+        self.out_features = _out_channels(res5)
+
+    def forward(self, x: Tensor, return_map: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        y = self.res5(x)  # (R, 2048, r', r')
+        pooled = y.mean(dim=(2, 3))  # (R, 2048)
+        return (pooled, y) if return_map else pooled
+
+
+def _set_first_block_stride(stage: nn.Sequential, stride: int) -> None:
+    """Change the stride of a ResNet stage's first block (its strided conv and its shortcut) in place."""
+    block = stage[0]
+    for m in block.modules():
+        if isinstance(m, nn.Conv2d) and m.stride != (1, 1):
+            m.stride = (stride, stride)
+
+
+def _out_channels(stage: nn.Sequential) -> int:
+    convs = [m for m in stage[-1].modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1].out_channels
+
+
+def take_res5(backbone: nn.Module) -> nn.Sequential:
+    """Remove the last stage (`layer4`) from a ResNet trunk and return it, for the C4 box head."""
+    res5 = backbone.layer4
+    del backbone.layer4
+    return res5
+
+
+class BoxPredictor(nn.Module):
+    """Linear class scores (K foreground classes + background, background last) and box deltas.
+
+    `class_agnostic`: one 4-vector per RoI instead of one per class.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, class_agnostic: bool = False):
+        super().__init__()
+        self.num_classes = num_classes
+        self.cls_score = nn.Linear(in_features, num_classes + 1)
+        self.bbox_pred = nn.Linear(in_features, 4 if class_agnostic else 4 * num_classes)
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(R, F) -> class logits (R, K+1) and box deltas (R, 4K) or (R, 4)."""
+        return self.cls_score(x), self.bbox_pred(x)
