@@ -1,11 +1,14 @@
+import importlib
 import math
 
 import numpy as np
 import pytest
 import torch
 
-import detkit.ops.roi_align as roi_align_module
 from detkit.ops.roi_align import roi_align
+
+# the module itself: `detkit.ops.roi_align` as an attribute is the function that the package re-exports
+roi_align_module = importlib.import_module("detkit.ops.roi_align")
 
 
 def _bilinear(fmap, y, x):
