@@ -6,6 +6,7 @@ branch on the foreground RoIs in training and on the final detections at test ti
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -141,7 +142,7 @@ class TwoStageDetector(nn.Module):
         n, s = sample.valid.shape
         # foreground RoIs come first in each image's row, at most ceil(S * positive_fraction) of them: a fixed
         # (N, F) slice holds them all, so no host synchronisation picks them out
-        f = min(s, int(-(-self.cfg.batch_size_per_image * self.cfg.positive_fraction // 1)))
+        f = min(s, math.ceil(self.cfg.batch_size_per_image * self.cfg.positive_fraction))
         fg = sample.foreground[:, :f]  # (N, F)
         boxes = sample.boxes[:, :f]
         if res5_map is not None:  # C4: the box head's res5 output of those RoIs
