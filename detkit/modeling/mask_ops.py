@@ -12,8 +12,8 @@ Conventions follow Detectron2 so that published mask APs are reproducible:
 * at test time a mask is pasted by mapping every pixel centre (x + 0.5, y + 0.5) into the box frame and sampling
   bilinearly like `grid_sample(align_corners=False, padding_mode="zeros")`.
 
-Bilinear sampling on a regular grid is separable, so both resamplers are written as `W_y @ mask @ W_x^T` with
-small per-axis weight matrices: exact, batched, and cheap on CPU and CUDA alike.
+Bitmaps are cropped with `detkit.ops.roi_align`. Pasting samples a regular grid, which is separable: it is written
+as `W_y @ mask @ W_x^T` with small per-axis weight matrices, exact, batched, and cheap on CPU and CUDA alike.
 """
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# Upper bound on the float32 scratch memory of one chunk in `paste_masks` and in the bitmap crop of `mask_targets`.
+from ..ops.roi_align import roi_align
+
+# Upper bound on the float32 scratch memory of one chunk in `paste_masks`.
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 
@@ -32,7 +34,7 @@ DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 @torch.no_grad()
 def mask_targets_per_image(gt_masks: Sequence[list | np.ndarray] | None, matched_idxs: Tensor, rois: Tensor,
-                           size: int = 28, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
+                           size: int = 28) -> Tensor:
     """Binary mask targets of the positive RoIs of one image.
 
     Each RoI gets the mask of its matched ground-truth object, cropped to the RoI and resampled to size x size.
@@ -43,7 +45,6 @@ def mask_targets_per_image(gt_masks: Sequence[list | np.ndarray] | None, matched
         matched_idxs: (P,) int64, index into `gt_masks` of each positive RoI.
         rois: (P, 4) xyxy network pixels.
         size: output resolution (28 for the FPN mask head, 14 for C4).
-        max_chunk_bytes: scratch-memory bound of the batched bitmap crop.
 
     Returns:
         (P, size, size) float32 of 0s and 1s on `rois.device`.
@@ -58,14 +59,14 @@ def mask_targets_per_image(gt_masks: Sequence[list | np.ndarray] | None, matched
         return out
     if gt_masks is None:
         raise ValueError("mask targets need ground-truth masks: build the dataset with load_masks=True")
-    rois_host = rois.detach().to("cpu", torch.float64).numpy()  # (P, 4)
     gt_host = matched_idxs.detach().cpu().numpy().astype(np.int64)  # (P,)
     is_bitmap = np.array([isinstance(gt_masks[g], np.ndarray) for g in gt_host], dtype=bool)  # (P,)
 
     poly_rows = np.flatnonzero(~is_bitmap)
     if poly_rows.size:
         polygons = [gt_masks[g] for g in gt_host[poly_rows]]
-        masks = rasterize_polygons_in_boxes(polygons, rois_host[poly_rows], size)  # (P_poly, size, size) uint8
+        rois_host = rois[torch.from_numpy(poly_rows).to(device)].detach().to("cpu", torch.float64).numpy()
+        masks = rasterize_polygons_in_boxes(polygons, rois_host, size)  # (P_poly, size, size) uint8
         out[torch.from_numpy(poly_rows).to(device)] = torch.from_numpy(masks).to(device, torch.float32)
 
     bitmap_rows = np.flatnonzero(is_bitmap)
@@ -74,15 +75,13 @@ def mask_targets_per_image(gt_masks: Sequence[list | np.ndarray] | None, matched
         used, which = np.unique(gt_host[bitmap_rows], return_inverse=True)
         bitmaps = _stack_bitmaps([gt_masks[g] for g in used]).to(device)  # (U, H, W) uint8
         rows = torch.from_numpy(bitmap_rows).to(device)
-        soft = crop_and_resize_bitmaps(bitmaps, torch.from_numpy(which.reshape(-1)).to(device), rois[rows], size,
-                                       max_chunk_bytes=max_chunk_bytes, rois_host=rois_host[bitmap_rows])
+        soft = crop_and_resize_bitmaps(bitmaps, torch.from_numpy(which.reshape(-1)).to(device), rois[rows], size)
         out[rows] = (soft >= 0.5).float()
     return out
 
 
 def mask_targets(gt_masks_per_image: Sequence[Sequence[list | np.ndarray] | None],
-                 matched_idxs_per_image: Sequence[Tensor], rois_per_image: Sequence[Tensor], size: int = 28,
-                 max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
+                 matched_idxs_per_image: Sequence[Tensor], rois_per_image: Sequence[Tensor], size: int = 28) -> Tensor:
     """`mask_targets_per_image` over a batch, concatenated in image order.
 
     Args:
@@ -90,7 +89,6 @@ def mask_targets(gt_masks_per_image: Sequence[Sequence[list | np.ndarray] | None
         matched_idxs_per_image: N tensors (P_i,) int64, matched ground-truth index of each positive RoI.
         rois_per_image: N tensors (P_i, 4) xyxy, the positive RoIs.
         size: output resolution.
-        max_chunk_bytes: scratch-memory bound of the batched bitmap crop.
 
     Returns:
         (sum P_i, size, size) float32 of 0s and 1s on the RoIs' device.
@@ -100,7 +98,7 @@ def mask_targets(gt_masks_per_image: Sequence[Sequence[list | np.ndarray] | None
                          f"and {len(rois_per_image)} RoI tensors; expected one of each per image")
     if len(rois_per_image) == 0:
         return torch.zeros((0, size, size), dtype=torch.float32)
-    return torch.cat([mask_targets_per_image(masks, idxs, rois, size, max_chunk_bytes)
+    return torch.cat([mask_targets_per_image(masks, idxs, rois, size)
                       for masks, idxs, rois in zip(gt_masks_per_image, matched_idxs_per_image, rois_per_image)])
 
 
@@ -146,129 +144,22 @@ def rasterize_polygons_in_boxes(polygons_per_box: Sequence[Sequence[np.ndarray]]
 
 
 @torch.no_grad()
-def crop_and_resize_bitmaps(bitmaps: Tensor, bitmap_idxs: Tensor, rois: Tensor, size: int,
-                            max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                            rois_host: np.ndarray | None = None) -> Tensor:
-    """Resample bitmaps inside RoIs like `roi_align(bitmaps[:, None], rois, size, 1.0, 0, aligned=True)`.
-
-    Output cell (i, j) averages Sy x Sx bilinear samples of its bin, Sy = ceil(roi_height / size) (likewise Sx);
-    a sample more than one pixel outside the bitmap reads 0, one within a pixel reads the border pixel. Because
-    the samples form a regular grid, the average is `W_y @ bitmap @ W_x^T` with (size, window) weight matrices,
-    applied only to the window of rows and columns the RoI touches. RoIs are processed in chunks whose float32
-    windows stay under `max_chunk_bytes`.
+def crop_and_resize_bitmaps(bitmaps: Tensor, bitmap_idxs: Tensor, rois: Tensor, size: int) -> Tensor:
+    """Resample bitmaps inside RoIs: `roi_align(aligned=True, sampling_ratio=0)` on one-channel maps.
 
     Args:
         bitmaps: (U, H, W) any dtype (uint8 0/1 masks in practice).
         bitmap_idxs: (P,) int64 index into `bitmaps` of each RoI.
         rois: (P, 4) xyxy pixels, on `bitmaps.device`.
         size: output resolution.
-        max_chunk_bytes: bound on one chunk's float32 window memory (a single RoI may exceed it).
-        rois_host: (P, 4) float64 copy of `rois` on the host, when the caller already has one.
 
     Returns:
         (P, size, size) float32 soft values in [0, 1] for 0/1 bitmaps.
     """
-    device = bitmaps.device
-    num_rois = rois.shape[0]
-    height, width = bitmaps.shape[-2:]
-    out = torch.zeros((num_rois, size, size), dtype=torch.float32, device=device)
-    if num_rois == 0 or height == 0 or width == 0:
-        return out
-    if rois_host is None:
-        rois_host = rois.detach().to("cpu", torch.float64).numpy()
-    # The window of rows/columns each RoI's samples can touch (see `_roi_align_axis_weights`), planned on the host.
-    y_first, y_count = _roi_align_window(rois_host[:, 1], rois_host[:, 3], height)
-    x_first, x_count = _roi_align_window(rois_host[:, 0], rois_host[:, 2], width)
-    samples_y = np.ceil(np.maximum(rois_host[:, 3] - rois_host[:, 1], 0) / size).astype(np.int64)
-    samples_x = np.ceil(np.maximum(rois_host[:, 2] - rois_host[:, 0], 0) / size).astype(np.int64)
-
-    rois = rois.to(torch.float32)
-    with torch.autocast(device_type=device.type, enabled=False):
-        for chunk in _plan_chunks(y_count, x_count, max_chunk_bytes):
-            idx = torch.from_numpy(chunk).to(device)
-            win_h, win_w = int(y_count[chunk].max()), int(x_count[chunk].max())
-            y0 = torch.from_numpy(y_first[chunk]).to(device)  # (C,)
-            x0 = torch.from_numpy(x_first[chunk]).to(device)
-            weights_y = _roi_align_axis_weights(rois[idx, 1], rois[idx, 3], height, size, y0, win_h,
-                                                int(samples_y[chunk].max()))  # (C, size, win_h)
-            weights_x = _roi_align_axis_weights(rois[idx, 0], rois[idx, 2], width, size, x0, win_w,
-                                                int(samples_x[chunk].max()))  # (C, size, win_w)
-            rows = (y0[:, None] + torch.arange(win_h, device=device)).clamp(max=height - 1)  # (C, win_h)
-            cols = (x0[:, None] + torch.arange(win_w, device=device)).clamp(max=width - 1)  # (C, win_w)
-            # (U, H, W) -> (C, win_h, win_w): each RoI's window of its own bitmap
-            windows = bitmaps[bitmap_idxs[idx][:, None, None], rows[:, :, None], cols[:, None, :]].float()
-            # (C, size, win_h) @ (C, win_h, win_w) @ (C, win_w, size) -> (C, size, size)
-            out[idx] = weights_y @ windows @ weights_x.transpose(1, 2)
-    return out
-
-
-def _roi_align_window(start: np.ndarray, end: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """First index and count (both (P,) int64) of the pixels that RoI samples in [start, end] can touch.
-
-    Samples lie in [start - 0.5, end - 0.5] (aligned coordinates) and read pixels floor(s) and floor(s) + 1,
-    clamped to [0, length - 1]; one extra pixel absorbs rounding of the sample positions.
-    """
-    first = np.clip(np.floor(start - 0.5), 0, length - 1).astype(np.int64)
-    last = np.clip(np.floor(end - 0.5) + 2, 0, length - 1).astype(np.int64)
-    return first, np.maximum(last - first + 1, 1)
-
-
-def _plan_chunks(heights: np.ndarray, widths: np.ndarray, max_bytes: int) -> list[np.ndarray]:
-    """Split RoIs, in order, into chunks whose padded float32 windows (count x max h x max w) fit `max_bytes`."""
-    chunks, start, max_h, max_w = [], 0, 0, 0
-    for i, (h, w) in enumerate(zip(heights.tolist(), widths.tolist())):
-        new_h, new_w = max(max_h, h), max(max_w, w)
-        if i > start and (i - start + 1) * new_h * new_w * 4 > max_bytes:
-            chunks.append(np.arange(start, i))
-            start, new_h, new_w = i, h, w
-        max_h, max_w = new_h, new_w
-    chunks.append(np.arange(start, len(heights)))
-    return chunks
-
-
-def _roi_align_axis_weights(start: Tensor, end: Tensor, length: int, size: int, window_first: Tensor,
-                            window: int, max_samples: int) -> Tensor:
-    """Averaged bilinear weights of aligned RoIAlign along one axis.
-
-    Args:
-        start, end: (C,) RoI extent along the axis, pixel-edge coordinates.
-        length: bitmap length along the axis.
-        size: number of output bins.
-        window_first: (C,) int64, the first pixel of each RoI's window.
-        window: window length (pixels beyond a RoI's own window get zero weight).
-        max_samples: the largest number of samples per bin in the chunk.
-
-    Returns:
-        (C, size, window) float32: output bin i of RoI c reads sum_t W[c, i, t] * pixel[window_first[c] + t].
-    """
-    device = start.device
-    num = start.shape[0]
-    weights = torch.zeros((num, size, window), dtype=torch.float32, device=device)
-    if max_samples == 0:
-        return weights
-    roi_start = start - 0.5  # aligned: pixel i's value sits at coordinate i
-    bin_len = (end - start) / size  # (C,)
-    samples = torch.ceil((end - start).clamp(min=0) / size)  # (C,) sampling_ratio=0: adaptive
-    step = bin_len / samples.clamp(min=1)
-    bins = torch.arange(size, device=device, dtype=torch.float32)
-    k = torch.arange(max_samples, device=device, dtype=torch.float32)
-    # (C, size, S) sample positions: bin i, sample k
-    pos = (roi_start[:, None, None] + bins[None, :, None] * bin_len[:, None, None]
-           + (k[None, None, :] + 0.5) * step[:, None, None])
-    valid = (k[None, None, :] < samples[:, None, None]) & (pos >= -1.0) & (pos <= length)
-    pos = pos.clamp(min=0)
-    low = pos.floor()
-    at_end = low >= length - 1  # past the last pixel centre: read the last pixel only
-    low = torch.where(at_end, torch.full_like(low, length - 1), low)
-    frac = torch.where(at_end, torch.zeros_like(pos), pos - low)
-    high = torch.where(at_end, low, low + 1)
-    scale = valid.float() / samples.clamp(min=1)[:, None, None]  # average over the bin's samples
-    first = window_first[:, None, None].float()
-    low_idx = (low - first).clamp(0, window - 1).long()  # (C, size, S)
-    high_idx = (high - first).clamp(0, window - 1).long()
-    weights.scatter_add_(2, low_idx, (1 - frac) * scale)
-    weights.scatter_add_(2, high_idx, frac * scale)
-    return weights
+    # (P,) + (P, 4) -> (P, 5) RoIAlign rows that name their bitmap as the "image"
+    rows = torch.cat([bitmap_idxs.to(device=rois.device, dtype=torch.float32)[:, None], rois.float()], dim=1)
+    with torch.autocast(device_type=bitmaps.device.type, enabled=False):
+        return roi_align(bitmaps[:, None].float(), rows, size, 1.0, sampling_ratio=0, aligned=True)[:, 0]
 
 
 def _stack_bitmaps(bitmaps: Sequence[np.ndarray]) -> Tensor:

@@ -7,6 +7,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..ops.boxes import box_ioa, box_iou
+from .batching import pad_per_image
+
 FOREGROUND, BACKGROUND, IGNORE = 1, 0, -1
 
 
@@ -59,3 +62,42 @@ class Matcher:
             is_best = ((iou == best_per_gt) & (best_per_gt > 0)).any(dim=-2)  # (..., A)
             labels[is_best] = FOREGROUND
         return matched_idxs, labels
+
+
+@torch.no_grad()
+def match_anchors(anchors: Tensor, gt_boxes: list[Tensor], ignore_boxes: list[Tensor] | None, matcher: Matcher,
+                  crowd_ioa: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:
+    """Match the anchors shared by a batch to each image's ground truth, with crowd regions ignored.
+
+    Args:
+        anchors: (A, 4) anchors of all levels, concatenated.
+        gt_boxes: per image (G_i, 4) boxes (G_i may be 0).
+        ignore_boxes: per image (M_i, 4) crowd regions, or None: background anchors covered by more than
+            `crowd_ioa` of their area become IGNORE (a crowd is neither an object to find nor background).
+        matcher: IoU thresholds and labels.
+
+    Returns:
+        matched_idxs: (N, A) int64 index of the matched ground truth in its image (0 where there is none).
+        labels: (N, A) FOREGROUND / BACKGROUND / IGNORE.
+        matched_boxes: (N, A, 4) float32 matched ground-truth box (the anchor itself where there is none).
+    """
+    n, a = len(gt_boxes), anchors.shape[0]
+    anchors = anchors.float()
+    boxes, valid = pad_per_image([b.to(anchors) for b in gt_boxes], 4)  # (N, G, 4)
+    g = boxes.shape[1]
+    # (N*G, A) -> (N, G, A)
+    iou = box_iou(boxes.view(-1, 4), anchors).view(n, g, a)
+    matched_idxs, labels = matcher(iou, valid)  # (N, A)
+    if g > 0:
+        # (N, G, 4) gathered at (N, A) -> (N, A, 4)
+        matched_boxes = boxes.gather(1, matched_idxs[..., None].expand(n, a, 4))
+    else:
+        matched_boxes = anchors[None].expand(n, a, 4).clone()
+    if ignore_boxes is not None and any(r.numel() for r in ignore_boxes):
+        regions, region_valid = pad_per_image([r.to(anchors) for r in ignore_boxes], 4)  # (N, M, 4)
+        m = regions.shape[1]
+        # (A, N*M) -> (A, N, M) -> (N, A, M)
+        ioa = box_ioa(anchors, regions.view(-1, 4)).view(a, n, m).permute(1, 0, 2)
+        covered = (ioa * region_valid[:, None, :]).amax(dim=2) > crowd_ioa  # (N, A)
+        labels = labels.masked_fill(covered & (labels == BACKGROUND), IGNORE)
+    return matched_idxs, labels, matched_boxes

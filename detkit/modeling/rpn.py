@@ -15,12 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.box_coder import BoxCoder
-from ..ops.boxes import box_ioa, box_iou, clip_boxes_per_image
+from ..ops.boxes import clip_boxes_per_image
 from ..ops.losses import l1_loss, smooth_l1_loss
 from ..ops.nms import batched_nms
 from .anchors import AnchorGenerator
-from .batching import pad_per_image
-from .matcher import BACKGROUND, FOREGROUND, IGNORE, Matcher
+from .matcher import BACKGROUND, FOREGROUND, IGNORE, Matcher, match_anchors
 
 # Anchors with IoU >= 0.7 are foreground, < 0.3 background, the best anchors of every box foreground too.
 RPN_MATCHER = Matcher((0.3, 0.7), (BACKGROUND, IGNORE, FOREGROUND), allow_low_quality_matches=True)
@@ -117,24 +116,7 @@ def label_and_sample_anchors(anchors: Tensor, gt_boxes: list[Tensor], ignore_box
         labels: (N, A) int8: 1 sampled foreground, 0 sampled background, -1 not sampled (or ignored).
         matched_boxes: (N, A, 4) float32 matched ground truth (the anchor itself where there is none).
     """
-    n, a = len(gt_boxes), anchors.shape[0]
-    boxes, valid = pad_per_image([b.to(anchors) for b in gt_boxes], 4)  # (N, G, 4)
-    g = boxes.shape[1]
-    # (N*G, A) -> (N, G, A)
-    iou = box_iou(boxes.view(-1, 4), anchors).view(n, g, a)
-    matched_idxs, labels = matcher(iou, valid)  # (N, A)
-    if g > 0:
-        # (N, G, 4) gathered at (N, A) -> (N, A, 4)
-        matched_boxes = boxes.gather(1, matched_idxs[..., None].expand(n, a, 4)).float()
-    else:
-        matched_boxes = anchors[None].expand(n, a, 4).float().clone()
-    if ignore_boxes is not None and any(r.numel() for r in ignore_boxes):
-        regions, region_valid = pad_per_image([b.to(anchors) for b in ignore_boxes], 4)  # (N, M, 4)
-        m = regions.shape[1]
-        # (A, N*M) -> (A, N, M) -> (N, A, M)
-        ioa = box_ioa(anchors, regions.view(-1, 4)).view(a, n, m).permute(1, 0, 2)
-        covered = (ioa * region_valid[:, None, :]).amax(dim=2) > crowd_ioa  # (N, A)
-        labels = labels.masked_fill(covered & (labels == BACKGROUND), IGNORE)
+    _, labels, matched_boxes = match_anchors(anchors, gt_boxes, ignore_boxes, matcher, crowd_ioa)
     return sample_labels(labels, batch_size_per_image, positive_fraction, generator), matched_boxes
 
 

@@ -1,6 +1,7 @@
 """Mask targets, pasting and RLE: hand-made cases, slow references, chunking and empty inputs."""
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -142,14 +143,16 @@ def test_bitmap_crop_matches_literal_roi_align():
         np.testing.assert_allclose(got, _reference_roi_align(bitmaps[b].astype(np.float64), box, 7), atol=1e-5)
 
 
-def test_bitmap_crop_chunked_equals_unchunked():
+def test_bitmap_crop_chunked_equals_unchunked(monkeypatch):
     rng = np.random.default_rng(2)
     bitmaps = torch.from_numpy((rng.random((3, 60, 80)) > 0.5).astype(np.uint8))
     xy = rng.uniform(0, 60, (20, 2))
     rois = torch.tensor(np.concatenate([xy, xy + rng.uniform(2, 50, (20, 2))], 1), dtype=torch.float32)
     which = torch.from_numpy(rng.integers(0, 3, 20))
     whole = crop_and_resize_bitmaps(bitmaps, which, rois, 28)
-    one_by_one = crop_and_resize_bitmaps(bitmaps, which, rois, 28, max_chunk_bytes=1)
+    # the crop is RoIAlign's: a budget below one RoI makes it process the RoIs one chunk at a time
+    monkeypatch.setattr(importlib.import_module("detkit.ops.roi_align"), "CHUNK_BUDGET", 1)
+    one_by_one = crop_and_resize_bitmaps(bitmaps, which, rois, 28)
     torch.testing.assert_close(whole, one_by_one, atol=1e-6, rtol=0)
 
 
@@ -231,11 +234,15 @@ def test_paste_matches_grid_sample_reference():
     assert decided.float().mean() > 0.99
 
 
+def _random_masks_and_boxes(n: int, seed: int, corner_range: float, max_side: float):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.rand(n, 28, 28, generator=g)
+    xy = torch.rand(n, 2, generator=g) * corner_range
+    return probs, torch.cat([xy, xy + torch.rand(n, 2, generator=g) * max_side + 1], 1)
+
+
 def test_paste_chunked_equals_unchunked_and_empty():
-    g = torch.Generator().manual_seed(1)
-    probs = torch.rand(9, 28, 28, generator=g)
-    xy = torch.rand(9, 2, generator=g) * 100
-    boxes = torch.cat([xy, xy + torch.rand(9, 2, generator=g) * 80 + 1], 1)
+    probs, boxes = _random_masks_and_boxes(9, 1, 100, 80)
     one = paste_masks(probs, boxes, (120, 150), chunk_size=1)
     for chunk_size in (2, 4, 9, None):
         assert torch.equal(paste_masks(probs, boxes, (120, 150), chunk_size=chunk_size), one)
@@ -261,10 +268,7 @@ def test_masks_to_rle_round_trips():
 
 @cuda
 def test_cpu_equals_cuda():
-    g = torch.Generator().manual_seed(3)
-    probs = torch.rand(20, 28, 28, generator=g)
-    xy = torch.rand(20, 2, generator=g) * 300
-    boxes = torch.cat([xy, xy + torch.rand(20, 2, generator=g) * 200 + 1], 1)
+    probs, boxes = _random_masks_and_boxes(20, 3, 300, 200)
     on_cpu = paste_masks(probs, boxes, (400, 600), threshold=0.3)
     on_gpu = paste_masks(probs.cuda(), boxes.cuda(), (400, 600), threshold=0.3)
     assert (on_gpu.cpu() != on_cpu).float().mean() < 1e-5

@@ -108,10 +108,10 @@ class TwoStageDetector(nn.Module):
         cfg, losses = self.cfg, {}
         gt_boxes, gt_labels = [t.boxes for t in targets], [t.labels for t in targets]
         boxes, valid = pad_per_image([p.detach().float() for p in proposals], 4)
+        gt, gt_valid = pad_per_image([b.float() for b in gt_boxes], 4)  # appended to every stage's proposals
         first_sample, res5_map = None, None
         for i, stage in enumerate(self.stages):
             if cfg.append_gt:
-                gt, gt_valid = pad_per_image([b.float() for b in gt_boxes], 4)
                 boxes, valid = torch.cat([boxes, gt], 1), torch.cat([valid, gt_valid], 1)
             with record_function("detkit.sample_rois"):
                 sample = label_and_sample_padded(

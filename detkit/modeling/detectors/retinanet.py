@@ -12,12 +12,12 @@ from torch.autograd.profiler import record_function
 from ...config.schema import InputConfig, RetinaNetConfig
 from ...data.transforms import normalize
 from ...ops.box_coder import BoxCoder
-from ...ops.boxes import box_ioa, box_iou, clip_boxes_per_image
+from ...ops.boxes import clip_boxes_per_image
 from ...ops.losses import huber_loss, l1_loss, sigmoid_focal_loss_from_labels, smooth_l1_loss
 from ..anchors import AnchorGenerator
 from ..batching import Detections, nms_per_image, pad_per_image
 from ..heads.retina_head import flatten_predictions
-from ..matcher import BACKGROUND, FOREGROUND, IGNORE, Matcher
+from ..matcher import FOREGROUND, IGNORE, Matcher, match_anchors
 
 
 @torch.no_grad()
@@ -37,30 +37,13 @@ def assign_targets(anchors: Tensor, gt_boxes: list[Tensor], gt_labels: list[Tens
         gt_classes: (N, A) int64: the class in 0..K-1 for foreground, K for background, -1 for ignored.
         matched_boxes: (N, A, 4) float32 box of the matched ground truth (meaningful for foreground only).
     """
-    n, a = len(gt_boxes), anchors.shape[0]
-    boxes, valid = pad_per_image([b.float() for b in gt_boxes], 4)  # (N, G, 4)
+    matched_idxs, match_labels, matched_boxes = match_anchors(anchors, gt_boxes, ignore_boxes, matcher, crowd_ioa)
     labels, _ = pad_per_image([lab.view(-1, 1) for lab in gt_labels], 1)  # (N, G, 1)
-    g = boxes.shape[1]
-    # (N*G, A) -> (N, G, A)
-    iou = box_iou(boxes.view(-1, 4), anchors).view(n, g, a)
-    matched_idxs, match_labels = matcher(iou, valid)  # (N, A)
-    gt_classes = torch.full((n, a), num_classes, dtype=torch.int64, device=anchors.device)
-    if g > 0:
+    gt_classes = torch.full(match_labels.shape, num_classes, dtype=torch.int64, device=anchors.device)
+    if labels.shape[1] > 0:
         matched_classes = labels[..., 0].gather(1, matched_idxs)  # (N, A)
         gt_classes = torch.where(match_labels == FOREGROUND, matched_classes, gt_classes)
-        # (N, G, 4) gathered at (N, A) -> (N, A, 4)
-        matched_boxes = boxes.gather(1, matched_idxs[..., None].expand(n, a, 4))
-    else:
-        matched_boxes = anchors[None].expand(n, a, 4).clone()
-    gt_classes[match_labels == IGNORE] = -1
-    if any(r.numel() for r in ignore_boxes):
-        regions, region_valid = pad_per_image([r.float() for r in ignore_boxes], 4)  # (N, M, 4)
-        m = regions.shape[1]
-        # (A, N*M) -> (A, N, M) -> (N, A, M)
-        ioa = box_ioa(anchors, regions.view(-1, 4)).view(a, n, m).permute(1, 0, 2)
-        covered = (ioa * region_valid[:, None, :]).amax(dim=2) > crowd_ioa  # (N, A)
-        gt_classes[covered & (match_labels == BACKGROUND)] = -1
-    return gt_classes, matched_boxes
+    return gt_classes.masked_fill(match_labels == IGNORE, -1), matched_boxes
 
 
 def retinanet_losses(pred_logits: Tensor, pred_deltas: Tensor, anchors: Tensor, gt_classes: Tensor,
