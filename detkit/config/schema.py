@@ -46,7 +46,9 @@ class BackboneConfig:
 
     name: Literal["resnet"] = "resnet"
     depth: int = 50
-    style: Literal["pytorch", "caffe"] = "pytorch"
+    # "pytorch": v1b, stride on the 3x3; "caffe": v1 MSRA, stride on the 1x1; "v2": pre-activation (MXNet zoo),
+    # which normalises its own raw 0-255 RGB input: use it with model.input.normalization: raw
+    style: Literal["pytorch", "caffe", "v2"] = "pytorch"
     norm: Literal["FrozenBN", "BN", "SyncBN", "GN"] = "FrozenBN"
     freeze_at: int = 2  # 0 trains all; 1 freezes the stem; k >= 2 also res2..res{k}
     norm_eps: float = 1e-5  # torchvision's COCO detection weights were trained with 0
@@ -148,7 +150,8 @@ class RPNConfig:
     post_nms_topk_train: int = 1000  # per image
     post_nms_topk_test: int = 1000
     nms_threshold: float = 0.7
-    min_box_size: float = 0.0
+    min_box_size: float = 0.0  # proposals with a side not above this are dropped (torchvision: 1e-3)
+    head_channels: int = 0  # width of the 3x3 conv; 0: the input's (detectron2); SimpleDet's C4 RPN uses 512
     box_loss: Literal["smooth_l1", "l1"] = "l1"
     box_loss_beta: float = 0.0
     loss_weight: float = 1.0
@@ -175,8 +178,12 @@ class RoIHeadsConfig:
     pooler_resolution: int = 7
     sampling_ratio: int = 0  # samples per bin and axis; 0: adaptive, ceil(roi size / output size)
     aligned: bool = True  # half-pixel RoIAlign (detectron2); False: the legacy form (Detectron, torchvision)
+    # how each bin combines its samples: "avg" (RoIAlign) or "max" (SimpleDet's ROIAlign_v2, with sampling_ratio 2
+    # and aligned false)
+    pooler_mode: Literal["avg", "max"] = "avg"
     canonical_size: float = 224.0  # FPN level assignment: level = floor(4 + log2(sqrt(area) / canonical_size))
     canonical_level: int = 4
+    level_eps: float = 1e-8  # added inside that log2: detectron2 1e-8, torchvision 1e-6
     batch_size_per_image: int = 512
     positive_fraction: float = 0.25
     fg_iou: float = 0.5  # IoU >= fg_iou: foreground; below: background
@@ -189,6 +196,7 @@ class RoIHeadsConfig:
     score_threshold: float = 0.05
     nms_threshold: float = 0.5
     max_detections: int = 100
+    min_box_size: float = 0.0  # > 0: detections narrower or shorter than this are dropped before NMS (torchvision 0.01)
 
     def __post_init__(self) -> None:
         if not 0 < self.positive_fraction <= 1 or self.batch_size_per_image <= 0:
@@ -210,6 +218,9 @@ class MaskHeadConfig:
     class_agnostic: bool = False
     loss_weight: float = 1.0
     threshold: float = 0.5  # probability at which a pasted mask pixel belongs to the object
+    # how a 28x28 mask is resampled into the image: "detectron2" (bilinear at pixel centres over the box) or
+    # "torchvision" (zero border, box grown by 30/28 and truncated to integer pixels; see mask_ops.paste_masks)
+    paste: Literal["detectron2", "torchvision"] = "detectron2"
 
 
 @dataclass
@@ -243,8 +254,9 @@ class ModelConfig:
     roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
     mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
-    # a whole-detector checkpoint to start from: a detkit checkpoint or torchvision's retinanet_resnet50_fpn
-    # COCO weights (.pth read with weights_only=True, or .safetensors); class-count mismatches are skipped
+    # a whole-detector checkpoint to start from: a detkit checkpoint or torchvision's retinanet_resnet50_fpn,
+    # fasterrcnn_resnet50_fpn or maskrcnn_resnet50_fpn COCO weights (.pth read with weights_only=True, or
+    # .safetensors); class-count mismatches are skipped
     weights: str = ""
 
     def __post_init__(self) -> None:

@@ -23,9 +23,10 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def to_original(detections, metas, mask_threshold: float = 0.5) -> list[dict]:
+def to_original(detections, metas, mask_threshold: float = 0.5, mask_paste: str = "detectron2") -> list[dict]:
     """Per image: boxes in original-image pixels (clipped to it), scores and labels, as NumPy arrays; with
-    Mask R-CNN also "masks", the masks pasted into the original image at `mask_threshold`, as COCO RLEs."""
+    Mask R-CNN also "masks", the masks pasted into the original image at `mask_threshold` by the `mask_paste` rule
+    (see `paste_masks`), as COCO RLEs."""
     out = []
     for det, meta in zip(detections, metas):
         unclipped = boxes_to_original(det.boxes.float().cpu(), meta.affine).reshape(-1, 4)
@@ -39,7 +40,7 @@ def to_original(detections, metas, mask_threshold: float = 0.5) -> list[dict]:
 
             # the box's mask is resampled into the original image, where COCO evaluates it
             entry["masks"] = masks_to_rle(paste_masks(det.mask_probs.float().cpu(), unclipped, (h, w),
-                                                      threshold=mask_threshold))
+                                                      threshold=mask_threshold, mode=mask_paste))
         out.append(entry)
     return out
 
@@ -104,8 +105,11 @@ def evaluate_model(model: nn.Module, dataset: DetectionDataset, loader, device: 
     unsupported = [t for t in iou_types if t != "bbox" and not (t == "segm" and getattr(model, "has_masks", False))]
     if unsupported:
         raise ConfigError(f"eval.iou_types: this detector predicts boxes only; cannot evaluate {unsupported}")
+    # a Mask R-CNN pastes its masks by its own settings (model.mask_head.threshold and .paste)
+    mask_cfg = getattr(getattr(model, "module", model), "mask_cfg", None)
+    paste = {} if mask_cfg is None else {"mask_threshold": mask_cfg.threshold, "mask_paste": mask_cfg.paste}
     for batch, detections in predict(model, loader, device, amp, progress):
-        results.extend(coco_results(to_original(detections, batch.metas), category_ids))
+        results.extend(coco_results(to_original(detections, batch.metas, **paste), category_ids))
         num_images += len(batch)
     seconds = time.perf_counter() - start
     evaluations = {t: evaluate(dataset.coco.annotation_file, results, t) for t in iou_types}
@@ -117,7 +121,8 @@ def evaluate_model(model: nn.Module, dataset: DetectionDataset, loader, device: 
 
 
 def load_detector(cfg, weights: str, device: torch.device) -> tuple[nn.Module, list[dict]]:
-    """Build cfg's model for inference and load `weights` (detkit checkpoint, torchvision RetinaNet, .safetensors).
+    """Build cfg's model for inference and load `weights` (detkit checkpoint, torchvision RetinaNet or Faster/Mask
+    R-CNN, .safetensors).
 
     The classes come from the checkpoint when it records them (detkit checkpoints do), else from the config's
     validation annotations; with label_space coco91, output k is COCO category id k.

@@ -24,6 +24,12 @@ from .schedule import build_scheduler, iterations, scaled_lr
 logger = logging.getLogger("detkit.train")
 
 
+def _duration(seconds: float) -> str:
+    """Seconds as h:mm:ss."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when present; otherwise the named device (`cpu`, `cuda`, `cuda:1`)."""
     if name == "auto":
@@ -51,7 +57,11 @@ def load_model_weights(model: nn.Module, path: str, *, backbone_only: bool = Fal
     target = model.backbone if backbone_only else model
     if backbone_only:
         state = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in state.items()}
+        if hasattr(model, "route_trunk_weights"):  # a C4 detector's res5 stage lives in its box head
+            (state, trunk_prefixes), target = model.route_trunk_weights(state), model
     report = load_weights(target, state)
+    if target is model and backbone_only:  # only the trunk was offered: the heads are not "missing"
+        report.missing = [k for k in report.missing if k.startswith(trunk_prefixes)]
     if report.missing or report.mismatched or report.unexpected:
         logger.warning("%s does not fit the model completely (those tensors keep their initialisation):\n%s",
                        path, report.summary())
@@ -204,9 +214,14 @@ class Trainer:
                     bar.update()
                 if self.iteration % rt.log_period == 0 or self.iteration == self.max_iter:
                     now = time.perf_counter()
-                    self.writer.write(self.iteration, {**smoothed.medians(), "lr": self.optimizer.param_groups[0]["lr"],
-                                                       "images_per_second": images_since_log / (now - last_log),
+                    speed = images_since_log / (now - last_log)
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    self.writer.write(self.iteration, {**smoothed.medians(), "lr": lr, "images_per_second": speed,
                                                        "skipped_steps": self.skipped_steps})
+                    if bar is None and "loss" in smoothed.meters:  # no progress bar: one log line instead
+                        eta = (self.max_iter - self.iteration) * self.total_batch / max(speed, 1e-9)
+                        logger.info("iteration %d/%d: loss %.4f, lr %.3g, %.1f img/s, eta %s", self.iteration,
+                                    self.max_iter, smoothed.medians()["loss"], lr, speed, _duration(eta))
                     last_log, images_since_log = now, 0
                 if rt.checkpoint_period and self.iteration % rt.checkpoint_period == 0 \
                         and self.iteration < self.max_iter:

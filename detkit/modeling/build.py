@@ -76,7 +76,8 @@ def build_two_stage(cfg: ModelConfig, num_classes: int) -> TwoStageDetector:
     a = cfg.anchors
     anchor_generator = AnchorGenerator(strides=strides, sizes=sizes, aspect_ratios=rp.aspect_ratios, offset=a.offset,
                                        order=a.order, round_base=a.round_base, stride_mode=a.stride_mode)
-    rpn = RPN(head=RPNHead(channels, anchor_generator.num_anchors), anchor_generator=anchor_generator,
+    rpn = RPN(head=RPNHead(channels, anchor_generator.num_anchors, rp.head_channels),
+              anchor_generator=anchor_generator,
               matcher=Matcher((rp.bg_iou, rp.fg_iou), (BACKGROUND, IGNORE, FOREGROUND), True),
               box_coder=BoxCoder((1.0, 1.0, 1.0, 1.0)), pre_nms_topk_train=rp.pre_nms_topk_train,
               pre_nms_topk_test=rp.pre_nms_topk_test, post_nms_topk_train=rp.post_nms_topk_train,
@@ -88,8 +89,8 @@ def build_two_stage(cfg: ModelConfig, num_classes: int) -> TwoStageDetector:
 
     def pooler(resolution: int, sampling_ratio: int) -> MultiScaleRoIPooler:
         return MultiScaleRoIPooler(resolution, [1.0 / s for s in roi_strides], sampling_ratio=sampling_ratio,
-                                   aligned=r.aligned, canonical_size=r.canonical_size,
-                                   canonical_level=r.canonical_level)
+                                   aligned=r.aligned, mode=r.pooler_mode, canonical_size=r.canonical_size,
+                                   canonical_level=r.canonical_level, eps=r.level_eps)
 
     cascade = cfg.arch == "cascade_rcnn"
     if cascade:

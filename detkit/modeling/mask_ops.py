@@ -10,14 +10,17 @@ Conventions follow Detectron2 so that published mask APs are reproducible:
   ceil(roi_size / size) x ceil(roi_size / size) bilinear samples, pixel i's value sits at coordinate i + 0.5;
 * both are binarised at 0.5;
 * at test time a mask is pasted by mapping every pixel centre (x + 0.5, y + 0.5) into the box frame and sampling
-  bilinearly like `grid_sample(align_corners=False, padding_mode="zeros")`.
+  bilinearly like `grid_sample(align_corners=False, padding_mode="zeros")`. `paste_masks(mode="torchvision")`
+  pastes as torchvision's `paste_masks_in_image` does instead, for its Mask R-CNN weights: the mask gets a
+  one-cell zero border, its box grows by (M + 2) / M and is truncated to integer pixels, and the padded mask is
+  resized bilinearly (`interpolate(align_corners=False)`) onto those x1 - x0 + 1 by y1 - y0 + 1 pixels.
 
 Bitmaps are cropped with `detkit.ops.roi_align`. Pasting samples a regular grid, which is separable: it is written
 as `W_y @ mask @ W_x^T` with small per-axis weight matrices, exact, batched, and cheap on CPU and CUDA alike.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -183,11 +186,13 @@ def _stack_bitmaps(bitmaps: Sequence[np.ndarray]) -> Tensor:
 
 @torch.no_grad()
 def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: tuple[int, int] | Tensor, threshold: float = 0.5,
-                chunk_size: int | None = None, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
+                chunk_size: int | None = None, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                mode: Literal["detectron2", "torchvision"] = "detectron2") -> Tensor:
     """Paste per-box mask probabilities into the image and binarise them.
 
-    Pixel (x, y) reads the mask at its centre (x + 0.5, y + 0.5) mapped into the box frame, with bilinear
-    sampling and zeros outside the mask, exactly like Detectron2's `grid_sample(align_corners=False)` paste.
+    "detectron2": pixel (x, y) reads the mask at its centre (x + 0.5, y + 0.5) mapped into the box frame, with
+    bilinear sampling and zeros outside the mask, exactly like Detectron2's `grid_sample(align_corners=False)`
+    paste. "torchvision": torchvision's `paste_masks_in_image` (see the module docstring), for its weights.
     Masks are processed in chunks; each chunk is resampled only over the union of its boxes' footprints
     (every pixel the bilinear sampling can reach), and its float32 scratch stays under `max_chunk_bytes`.
 
@@ -199,12 +204,15 @@ def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: tuple[int, int] |
         chunk_size: masks per chunk. None: 1 on the CPU (each mask touches only its own box, which costs least
             there), otherwise as many as fit `max_chunk_bytes` at full image size.
         max_chunk_bytes: bound on one chunk's float32 scratch memory when `chunk_size` is None.
+        mode: "detectron2" or "torchvision".
 
     Returns:
         (D, H, W) bool on `mask_probs.device`.
     """
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if mode not in ("detectron2", "torchvision"):
+        raise ValueError(f"mode must be 'detectron2' or 'torchvision', got {mode!r}")
     height, width = int(image_size[0]), int(image_size[1])
     device = mask_probs.device
     num = mask_probs.shape[0]
@@ -217,28 +225,35 @@ def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: tuple[int, int] |
         chunk_size = 1 if device.type == "cpu" else max(1, max_chunk_bytes // (4 * height * width))
     size = mask_probs.shape[-1]
     boxes = boxes.to(device=device, dtype=torch.float32)
-    # Pixels whose centre lies within half a mask cell of the box can read a non-zero value.
-    reach = boxes.clone()
-    half_w = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) / (2 * size)
-    half_h = (boxes[:, 3] - boxes[:, 1]).clamp(min=0) / (2 * size)
-    reach[:, 0] -= half_w
-    reach[:, 2] += half_w
-    reach[:, 1] -= half_h
-    reach[:, 3] += half_h
-    reach = reach.tolist()  # one host synchronisation: slicing needs Python ints
+    if mode == "torchvision":
+        boxes = _torchvision_paste_boxes(boxes, size)  # (D, 4) int64, inclusive pixel ranges
+        # (D, 4) first and last-plus-one pixel each mask can write, x0, y0, x1, y1
+        footprint = torch.cat([boxes[:, :2], boxes[:, 2:] + 1], dim=1)
+    else:
+        # Pixels whose centre lies within half a mask cell of the box can read a non-zero value.
+        reach = boxes.clone()
+        half_w = (boxes[:, 2] - boxes[:, 0]).clamp(min=0) / (2 * size)
+        half_h = (boxes[:, 3] - boxes[:, 1]).clamp(min=0) / (2 * size)
+        reach[:, 0] -= half_w
+        reach[:, 2] += half_w
+        reach[:, 1] -= half_h
+        reach[:, 3] += half_h
+        footprint = torch.cat([(reach[:, :2] - 0.5).floor(), (reach[:, 2:] - 0.5).ceil() + 1], dim=1)
+    footprint = footprint.tolist()  # one host synchronisation: slicing needs Python ints
+    axis_weights = _paste_axis_weights_torchvision if mode == "torchvision" else _paste_axis_weights
     with torch.autocast(device_type=device.type, enabled=False):
         for start in range(0, num, chunk_size):
             stop = min(start + chunk_size, num)
-            part = reach[start:stop]
-            x0 = _clip(int(np.floor(min(r[0] for r in part) - 0.5)), width)
-            x1 = _clip(int(np.ceil(max(r[2] for r in part) - 0.5)) + 1, width)
-            y0 = _clip(int(np.floor(min(r[1] for r in part) - 0.5)), height)
-            y1 = _clip(int(np.ceil(max(r[3] for r in part) - 0.5)) + 1, height)
+            part = footprint[start:stop]
+            x0 = _clip(int(min(f[0] for f in part)), width)
+            x1 = _clip(int(max(f[2] for f in part)), width)
+            y0 = _clip(int(min(f[1] for f in part)), height)
+            y1 = _clip(int(max(f[3] for f in part)), height)
             if x1 <= x0 or y1 <= y0:
                 continue
             chunk_boxes = boxes[start:stop]
-            weights_y = _paste_axis_weights(chunk_boxes[:, 1], chunk_boxes[:, 3], y0, y1 - y0, size)  # (C, h, M)
-            weights_x = _paste_axis_weights(chunk_boxes[:, 0], chunk_boxes[:, 2], x0, x1 - x0, size)  # (C, w, M)
+            weights_y = axis_weights(chunk_boxes[:, 1], chunk_boxes[:, 3], y0, y1 - y0, size)  # (C, h, M)
+            weights_x = axis_weights(chunk_boxes[:, 0], chunk_boxes[:, 2], x0, x1 - x0, size)  # (C, w, M)
             probs = mask_probs[start:stop].float()
             # (C, h, M) @ (C, M, M) @ (C, M, w) -> (C, h, w)
             region = weights_y @ probs @ weights_x.transpose(1, 2)
@@ -273,6 +288,51 @@ def _paste_axis_weights(start: Tensor, end: Tensor, first: int, count: int, size
     # (C, count, 1) against (M,) -> (C, count, M); cells outside 0..M-1 never match, i.e. read zero
     return ((cells == low[..., None]) * (1 - frac)[..., None]
             + (cells == low[..., None] + 1) * frac[..., None])
+
+
+def _torchvision_paste_boxes(boxes: Tensor, size: int) -> Tensor:
+    """(D, 4) float boxes -> the integer boxes torchvision pastes M x M masks into, (D, 4) int64.
+
+    As `expand_masks(padding=1)` + `expand_boxes`: the half sides grow by (M + 2) / M about the centre (in the
+    boxes' float32), and the corners are truncated toward zero (`.to(torch.int64)`); the mask then covers pixels
+    x0..x1 and y0..y1 inclusive.
+    """
+    scale = (size + 2) / size
+    half = (boxes[:, 2:] - boxes[:, :2]) * 0.5 * scale  # (D, 2) half width, half height
+    centre = (boxes[:, 2:] + boxes[:, :2]) * 0.5
+    return torch.cat([centre - half, centre + half], dim=1).to(torch.int64)
+
+
+def _paste_axis_weights_torchvision(start: Tensor, end: Tensor, first: int, count: int, size: int) -> Tensor:
+    """Weights of torchvision's paste along one axis: the zero-bordered mask (M + 2 cells) resized bilinearly
+    (`interpolate(align_corners=False)`) to end - start + 1 pixels placed at `start`.
+
+    Args:
+        start, end: (C,) int64 first and last pixel of each expanded box along the axis.
+        first, count: the image pixels to fill, first .. first + count - 1.
+        size: mask resolution M.
+
+    Returns:
+        (C, count, M) float32: pixel first + t reads sum_m W[c, t, m] * mask[c, ..., m].
+    """
+    device = start.device
+    padded = size + 2
+    length = (end - start + 1).clamp(min=1)  # (C,) pixels the resized mask spans
+    pixels = torch.arange(first, first + count, device=device)  # (count,)
+    inside = (pixels[None, :] >= start[:, None]) & (pixels[None, :] <= end[:, None])  # (C, count)
+    column = (pixels[None, :] - start[:, None]).float()  # (C, count) pixel index in the resized mask
+    # interpolate's source index: in / out * (dst + 0.5) - 0.5, at least 0, in float32
+    ratio = torch.full_like(length, padded, dtype=torch.float32) / length.float()  # (C,)
+    source = (ratio[:, None] * (column + 0.5) - 0.5).clamp(min=0)  # (C, count)
+    low = source.floor()
+    frac = source - low
+    high = (low + 1).clamp(max=padded - 1)
+    # padded cell i holds mask cell i - 1 (cells 0 and M + 1 are the zero border and match nothing)
+    cells = torch.arange(1, size + 1, device=device, dtype=torch.float32)  # (M,)
+    # (C, count, 1) against (M,) -> (C, count, M)
+    weights = ((cells == low[..., None]) * (1 - frac)[..., None]
+               + (cells == high[..., None]) * frac[..., None])
+    return weights * inside[..., None]
 
 
 def masks_to_rle(masks: Tensor) -> list[dict]:

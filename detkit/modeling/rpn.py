@@ -29,16 +29,18 @@ class RPNHead(nn.Module):
     """A 3x3 conv + ReLU shared over levels, then 1x1 convs for objectness (A sigmoid logits) and deltas (4A).
 
     Args:
-        in_channels: feature width (256 for FPN, 1024 for C4 on res4); the 3x3 conv keeps it.
+        in_channels: feature width (256 for FPN, 1024 for C4 on res4).
         num_anchors: anchors per location (A): 3 for FPN, 15 for C4.
+        channels: width of the 3x3 conv; 0 keeps `in_channels` (detectron2), SimpleDet's C4 RPN uses 512.
     """
 
-    def __init__(self, in_channels: int, num_anchors: int):
+    def __init__(self, in_channels: int, num_anchors: int, channels: int = 0):
         super().__init__()
         self.num_anchors = num_anchors
-        self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
-        self.objectness = nn.Conv2d(in_channels, num_anchors, 1)
-        self.deltas = nn.Conv2d(in_channels, num_anchors * 4, 1)
+        channels = channels or in_channels
+        self.conv = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.objectness = nn.Conv2d(channels, num_anchors, 1)
+        self.deltas = nn.Conv2d(channels, num_anchors * 4, 1)
         for conv in (self.conv, self.objectness, self.deltas):
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)

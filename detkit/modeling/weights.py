@@ -2,7 +2,7 @@
 
 Typical use::
 
-    state_dict = convert(read_state_dict("retinanet_resnet50_fpn_coco-eeacb38b.pth"))
+    state_dict = convert(read_state_dict("retinanet_resnet50_fpn_coco-eeacb38b.pth"))  # or fasterrcnn_*, maskrcnn_*
     print(load_weights(model, state_dict).summary())
 """
 from __future__ import annotations
@@ -19,8 +19,10 @@ from torch import Tensor, nn
 
 _CONTAINER_KEYS = ("model", "state_dict", "model_state")
 _BN_STATE = r"(?:weight|bias|running_mean|running_var|num_batches_tracked)"
-_RESNET_KEY = re.compile(rf"conv1\.weight|bn1\.{_BN_STATE}|layer\d+\.\d+\.(?:conv\d\.weight|bn\d\.{_BN_STATE}"
-                         rf"|downsample\.0\.weight|downsample\.1\.{_BN_STATE})")
+# detkit's ResNet names: v1 (torchvision's) and v2 (pre-activation: `bn_data`, `post_norm`, bare-conv shortcuts)
+_RESNET_KEY = re.compile(rf"conv1\.weight|(?:bn1|bn_data|post_norm)\.{_BN_STATE}"
+                         rf"|layer\d+\.\d+\.(?:conv\d\.weight|bn\d\.{_BN_STATE}"
+                         rf"|downsample\.0\.weight|downsample\.1\.{_BN_STATE}|downsample\.weight)")
 _TOWERS = {"classification": "cls", "regression": "box"}
 
 
@@ -100,6 +102,16 @@ def torchvision_resnet_to_detkit(state_dict: Mapping[str, Tensor]) -> dict[str, 
     return out
 
 
+_Rules = list[tuple[re.Pattern, Callable[[re.Match], str]]]
+# the trunk and the FPN's lateral and output convs, named alike in torchvision's RetinaNet and R-CNN files
+_BACKBONE_FPN_RULES: _Rules = [
+    (re.compile(r"backbone\.body\.(.+)"), lambda m: f"backbone.{m[1]}"),
+    (re.compile(r"backbone\.fpn\.inner_blocks\.(\d+)\.(?:0\.)?(weight|bias)"),
+     lambda m: f"neck.lateral_convs.{m[1]}.{m[2]}"),
+    (re.compile(r"backbone\.fpn\.layer_blocks\.(\d+)\.(?:0\.)?(weight|bias)"),
+     lambda m: f"neck.output_convs.{m[1]}.{m[2]}"),
+]
+
 # torchvision key -> detkit key for retinanet_resnet50_fpn. Two naming generations exist (pytorch/vision):
 # - v1, the original checkpoint files: each head tower is nn.Sequential(Conv2d, ReLU, ...) so its convs are
 #   `conv.0, conv.2, conv.4, conv.6` (retinanet.py at commit 787b3dda); FPN convs are plain Conv2d,
@@ -110,12 +122,8 @@ def torchvision_resnet_to_detkit(state_dict: Mapping[str, Tensor]) -> dict[str, 
 #   retinanet.py `_v1_to_v2_weights`: `conv.{2 * i}.{type}` -> `conv.{i}.0.{type}`;
 #   FeaturePyramidNetwork: `{block}.{i}.{type}` -> `{block}.{i}.0.{type}` for inner_blocks/layer_blocks.
 # LastLevelP6P7 keeps `extra_blocks.p6` / `.p7` in both; the trunk is `backbone.body.*` (FrozenBatchNorm2d buffers).
-_RETINANET_RULES: list[tuple[re.Pattern, Callable[[re.Match], str]]] = [
-    (re.compile(r"backbone\.body\.(.+)"), lambda m: f"backbone.{m[1]}"),
-    (re.compile(r"backbone\.fpn\.inner_blocks\.(\d+)\.(?:0\.)?(weight|bias)"),
-     lambda m: f"neck.lateral_convs.{m[1]}.{m[2]}"),
-    (re.compile(r"backbone\.fpn\.layer_blocks\.(\d+)\.(?:0\.)?(weight|bias)"),
-     lambda m: f"neck.output_convs.{m[1]}.{m[2]}"),
+_RETINANET_RULES: _Rules = [
+    *_BACKBONE_FPN_RULES,
     (re.compile(r"backbone\.fpn\.extra_blocks\.p([67])\.(weight|bias)"),
      lambda m: f"neck.extra_convs.{int(m[1]) - 6}.{m[2]}"),
     (re.compile(r"head\.(classification|regression)_head\.conv\.(\d*[02468])\.(weight|bias)"),  # v1
@@ -145,11 +153,84 @@ def torchvision_retinanet_to_detkit(state_dict: Mapping[str, Tensor]) -> dict[st
     Raises:
         WeightsError: keys that no rule knows, or two keys that land on the same detkit name.
     """
+    return _rename(state_dict, _RETINANET_RULES, "RetinaNet")
+
+
+# torchvision key -> detkit key for fasterrcnn_resnet50_fpn and maskrcnn_resnet50_fpn (the v1 COCO weights). The
+# trunk and FPN follow _BACKBONE_FPN_RULES (P6 is a parameter-free max-pool, LastLevelMaxPool). Where the two
+# naming generations differ (pytorch/vision, models/detection/rpn.py and mask_rcnn.py):
+# - v1, the original files: RPNHead.conv is a plain Conv2d (`rpn.head.conv.weight`); MaskRCNNHeads holds
+#   `mask_fcn1` .. `mask_fcn4`.
+# - v2, current torchvision (`_version = 2`, old keys renamed on load): RPNHead.conv is
+#   Sequential(Conv2dNormActivation) -> `rpn.head.conv.0.0.*`; MaskRCNNHeads is a Sequential of
+#   Conv2dNormActivation -> `roi_heads.mask_head.{i}.0.*` for mask_fcn{i + 1}.
+# The same in both: rpn.head.cls_logits / bbox_pred, roi_heads.box_head.fc6 / fc7, roi_heads.box_predictor
+# .cls_score / .bbox_pred, roi_heads.mask_predictor.conv5_mask (the 2x deconv) / .mask_fcn_logits.
+# detkit's MaskRCNNHead.convs interleaves ReLUs: conv i is `convs.{2 * i}`.
+_RCNN_RULES: _Rules = [
+    *_BACKBONE_FPN_RULES,
+    (re.compile(r"rpn\.head\.conv\.(?:0\.0\.)?(weight|bias)"), lambda m: f"rpn.head.conv.{m[1]}"),
+    (re.compile(r"rpn\.head\.cls_logits\.(weight|bias)"), lambda m: f"rpn.head.objectness.{m[1]}"),
+    (re.compile(r"rpn\.head\.bbox_pred\.(weight|bias)"), lambda m: f"rpn.head.deltas.{m[1]}"),
+    (re.compile(r"roi_heads\.box_head\.(fc6|fc7)\.(weight|bias)"), lambda m: f"stages.0.head.{m[1]}.{m[2]}"),
+    (re.compile(r"roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)"),
+     lambda m: f"stages.0.predictor.{m[1]}.{m[2]}"),
+    (re.compile(r"roi_heads\.mask_head\.mask_fcn([1-9]\d*)\.(weight|bias)"),  # v1
+     lambda m: f"mask_head.convs.{2 * (int(m[1]) - 1)}.{m[2]}"),
+    (re.compile(r"roi_heads\.mask_head\.(\d+)\.0\.(weight|bias)"),  # v2
+     lambda m: f"mask_head.convs.{2 * int(m[1])}.{m[2]}"),
+    (re.compile(r"roi_heads\.mask_predictor\.conv5_mask\.(weight|bias)"), lambda m: f"mask_head.deconv.{m[1]}"),
+    (re.compile(r"roi_heads\.mask_predictor\.mask_fcn_logits\.(weight|bias)"),
+     lambda m: f"mask_head.predictor.{m[1]}"),
+]
+
+# The logit given to detkit's class 0 when torchvision's scores are moved over: exp(-1e4 - max) is exactly 0 in
+# float32, where detkit takes the softmax, so that row takes no probability from the others. It is finite so
+# that fp16 holds it (max 65504) and a fine-tuning loss stays free of inf * 0.
+UNUSED_CLASS_LOGIT = -1e4
+
+
+def torchvision_rcnn_to_detkit(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A torchvision `fasterrcnn_resnet50_fpn` or `maskrcnn_resnet50_fpn` state dict (either naming generation)
+    -> detkit TwoStageDetector keys.
+
+    torchvision's box predictor has C class rows (91 for COCO), background first and row k for its label k; its
+    box regression and mask logits hold one block / channel per row, background included. detkit puts
+    background last (`BoxPredictor`: K + 1 scores, 4K box rows, K mask channels), so the model takes
+    num_classes K = C (with label_space coco91 for COCO, output k = category id k) and:
+    - cls_score rows 1..C-1 stay where they are, torchvision's row 0 (background) moves to row C, and row 0
+      becomes weight 0 and bias UNUSED_CLASS_LOGIT: a class that never scores, so detkit's softmax over its
+      C + 1 rows equals torchvision's over C;
+    - bbox_pred and the mask logits copy unchanged: detkit decodes block k and selects channel k for class k,
+      and torchvision's background block / channel sits under the unused class 0.
+
+    Args:
+        state_dict: torchvision keys (`backbone.body.*`, `backbone.fpn.*`, `rpn.head.*`, `roi_heads.*`).
+
+    Returns:
+        detkit keys (`backbone.*`, `neck.*`, `rpn.head.*`, `stages.0.*`, `mask_head.*`); `num_batches_tracked` is
+        dropped. Use FPN levels 2..6 with `extra_source: pool` (see configs/*-torchvision.yaml).
+
+    Raises:
+        WeightsError: keys that no rule knows, or two keys that land on the same detkit name.
+    """
+    out = _rename(state_dict, _RCNN_RULES, "Faster/Mask R-CNN")
+    for name, fill in (("weight", 0.0), ("bias", UNUSED_CLASS_LOGIT)):
+        key = f"stages.0.predictor.cls_score.{name}"
+        if key in out:
+            value = out[key]
+            # (C, ...) background first -> (C + 1, ...): unused class 0, classes 1..C-1, background last
+            out[key] = torch.cat([value.new_full((1, *value.shape[1:]), fill), value[1:], value[:1]])
+    return out
+
+
+def _rename(state_dict: Mapping[str, Tensor], rules: _Rules, model_name: str) -> dict[str, Tensor]:
+    """Apply the first matching rule to every key (`num_batches_tracked` is dropped)."""
     out, unknown = {}, []
     for key, value in state_dict.items():
         if key.endswith("num_batches_tracked"):
             continue
-        match = next(((m, rename) for pattern, rename in _RETINANET_RULES if (m := pattern.fullmatch(key))), None)
+        match = next(((m, rename) for pattern, rename in rules if (m := pattern.fullmatch(key))), None)
         if match is None:
             unknown.append(key)
             continue
@@ -158,30 +239,37 @@ def torchvision_retinanet_to_detkit(state_dict: Mapping[str, Tensor]) -> dict[st
             raise WeightsError(f"two torchvision keys map to {new_key}; is the file mixing naming generations?")
         out[new_key] = value
     if unknown:
-        raise WeightsError(f"not a torchvision RetinaNet state dict: unknown keys {_few(unknown)}")
+        raise WeightsError(f"not a torchvision {model_name} state dict: unknown keys {_few(unknown)}")
     return out
 
 
 # state kept on the detector itself rather than on a part (RetinaNet's loss-normaliser EMA)
 DETECTOR_BUFFERS = ("loss_normalizer",)
+# top-level parts of detkit's detectors: RetinaNet (backbone, neck, head) and TwoStageDetector (backbone, neck, rpn,
+# stages, mask_head)
+DETKIT_PREFIXES = ("backbone.", "neck.", "head.", "rpn.", "stages.", "mask_head.")
 
 
 def detect_format(state_dict: Mapping[str, Tensor]) -> str:
-    """Name the key layout of a state dict: "torchvision_retinanet", "torchvision_resnet" or "detkit".
+    """Name the key layout of a state dict: "torchvision_rcnn", "torchvision_retinanet", "torchvision_resnet" or
+    "detkit".
 
-    A bare ImageNet ResNet without `fc` has detkit's own ResNet names, so it reads as "detkit" (nothing to rename).
+    torchvision's R-CNN files share `backbone.body.` / `backbone.fpn.` with its RetinaNet and are told apart by
+    their `roi_heads.` keys (or the RPN's `cls_logits` / `bbox_pred`, which detkit calls objectness / deltas). A
+    bare ImageNet ResNet without `fc` has detkit's own ResNet names, so it reads as "detkit" (nothing to rename).
 
     Raises:
         WeightsError: keys that fit none of them.
     """
     keys = list(state_dict)
+    if any(k.startswith(("roi_heads.", "rpn.head.cls_logits.", "rpn.head.bbox_pred.")) for k in keys):
+        return "torchvision_rcnn"
     if any(k.startswith(("backbone.body.", "backbone.fpn.", "head.classification_head.", "head.regression_head."))
            for k in keys):
         return "torchvision_retinanet"
     if "fc.weight" in state_dict and "layer1.0.conv1.weight" in state_dict:
         return "torchvision_resnet"
-    if keys and all(k.startswith(("backbone.", "neck.", "head.")) or k in DETECTOR_BUFFERS or _RESNET_KEY.fullmatch(k)
-                    for k in keys):
+    if keys and all(k.startswith(DETKIT_PREFIXES) or k in DETECTOR_BUFFERS or _RESNET_KEY.fullmatch(k) for k in keys):
         return "detkit"
     raise WeightsError(f"unrecognised state dict layout (first keys {_few(keys)})")
 
@@ -189,6 +277,8 @@ def detect_format(state_dict: Mapping[str, Tensor]) -> str:
 def convert(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Any supported layout (see `detect_format`) -> detkit keys."""
     fmt = detect_format(state_dict)
+    if fmt == "torchvision_rcnn":
+        return torchvision_rcnn_to_detkit(state_dict)
     if fmt == "torchvision_retinanet":
         return torchvision_retinanet_to_detkit(state_dict)
     if fmt == "torchvision_resnet":

@@ -282,3 +282,55 @@ def test_cpu_equals_cuda():
         gpu_targets = mask_targets_per_image(gt, idxs.cuda(), rois.cuda())
         assert gpu_targets.device.type == "cuda"
         assert (gpu_targets.cpu() != cpu_targets).float().mean() < 1e-3
+
+
+def _torchvision_reference_paste(mask_probs: torch.Tensor, boxes: torch.Tensor, height: int,
+                                 width: int) -> torch.Tensor:
+    """torchvision's paste_masks_in_image written out mask by mask (slow, obvious): a one-cell zero border, the box
+    grown by (M + 2) / M and truncated to int64, the padded mask resized with F.interpolate onto the box's
+    x1 - x0 + 1 by y1 - y0 + 1 pixels and copied into the image where it overlaps. Returns (D, H, W) soft."""
+    size = mask_probs.shape[-1]
+    padded = F.pad(mask_probs, (1, 1, 1, 1))  # (D, M + 2, M + 2)
+    scale = (size + 2) / size
+    half_w, half_h = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale, (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
+    centre_x, centre_y = (boxes[:, 2] + boxes[:, 0]) * 0.5, (boxes[:, 3] + boxes[:, 1]) * 0.5
+    grown = torch.stack([centre_x - half_w, centre_y - half_h, centre_x + half_w, centre_y + half_h], 1).long()
+    out = torch.zeros(len(boxes), height, width)
+    for d, (x0, y0, x1, y1) in enumerate(grown.tolist()):
+        resized = F.interpolate(padded[d][None, None], size=(max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1)),
+                                mode="bilinear", align_corners=False)[0, 0]
+        cx0, cx1, cy0, cy1 = max(x0, 0), min(x1 + 1, width), max(y0, 0), min(y1 + 1, height)
+        if cx1 > cx0 and cy1 > cy0:
+            out[d, cy0:cy1, cx0:cx1] = resized[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+    return out
+
+
+def test_torchvision_paste_all_ones_hand_computed():
+    # box 10..50 x 20..60: grown by 30/28 about its centre -> x 8.57..51.43, y 18.57..61.43 -> ints 8..51, 18..61;
+    # 44 pixels resample the 30 padded cells at 30/44 * (j + 0.5) - 0.5, which is in [0.5, 28.5] (value >= 0.5)
+    # for j = 1..42: columns 9..50 and rows 19..60, one pixel more on each side than the detectron2 paste. The edge
+    # pixels j = 1 and 42 read 0.5227 (src 0.523 and 28.477), so the four corners read 0.5227^2 < 0.5
+    pasted = paste_masks(torch.ones(1, 28, 28), torch.tensor([[10.0, 20.0, 50.0, 60.0]]), (100, 80),
+                         mode="torchvision")
+    expected = torch.zeros(1, 100, 80, dtype=torch.bool)
+    expected[0, 19:61, 9:51] = True
+    expected[0, [19, 19, 60, 60], [9, 50, 9, 50]] = False
+    assert torch.equal(pasted, expected)
+    with pytest.raises(ValueError, match="mode"):
+        paste_masks(torch.ones(1, 28, 28), torch.tensor([[10.0, 20.0, 50.0, 60.0]]), (100, 80), mode="mmdet")
+
+
+def test_torchvision_paste_matches_interpolate_reference():
+    g = torch.Generator().manual_seed(4)
+    probs = torch.rand(12, 28, 28, generator=g)
+    xy = torch.rand(12, 2, generator=g) * 90 - 15  # some boxes leave the image on the left, top, right, bottom
+    sides = torch.cat([torch.rand(6, 2, generator=g) * 20 + 0.3, torch.rand(6, 2, generator=g) * 70 + 25])
+    boxes = torch.cat([xy, xy + sides], 1)  # small boxes shrink the 30 padded cells, large ones stretch them
+    reference = _torchvision_reference_paste(probs, boxes, 64, 90)
+    for chunk_size in (1, 5, None):
+        pasted = paste_masks(probs, boxes, (64, 90), threshold=0.4, chunk_size=chunk_size, mode="torchvision")
+        decided = (reference - 0.4).abs() > 1e-5  # pixels not on the threshold within rounding
+        assert torch.equal(pasted[decided], (reference >= 0.4)[decided])
+        assert decided.float().mean() > 0.99
+    assert pasted.any() and not paste_masks(torch.ones(1, 28, 28), torch.tensor([[200.0, 200.0, 300.0, 300.0]]),
+                                            (64, 90), mode="torchvision").any()

@@ -75,6 +75,20 @@ def test_fast_rcnn_inference_batched_equals_one_by_one():
         torch.testing.assert_close(alone.scores, scores[i, alone_rows, alone.labels])
 
 
+def test_fast_rcnn_inference_drops_small_boxes_only_when_asked():
+    # RoI 0's box for class 0 is 0.005 px wide after clipping to the 50-px-wide image: torchvision's
+    # remove_small_boxes(1e-2) drops it before NMS, the default keeps it; a box exactly 0.01 wide stays (>=)
+    scores = torch.tensor([[[0.9, 0.2], [0.8, 0.7]]])  # (1, 2 RoIs, 2 classes)
+    boxes = torch.tensor([[[[49.995, 0.0, 60.0, 20.0], [0.0, 0.0, 10.0, 10.0]],
+                           [[20.0, 20.0, 20.01, 30.0], [30.0, 30.0, 40.0, 40.0]]]])
+    sizes = torch.tensor([[40, 50]])
+    kwargs = dict(score_threshold=0.05, nms_threshold=0.5, max_detections=10)
+    (kept,), _ = fast_rcnn_inference(scores, boxes, sizes, **kwargs)
+    assert kept.scores.tolist() == pytest.approx([0.9, 0.8, 0.7, 0.2])
+    (kept,), _ = fast_rcnn_inference(scores, boxes, sizes, min_box_size=0.01, **kwargs)
+    assert kept.scores.tolist() == pytest.approx([0.8, 0.7, 0.2])
+
+
 def test_mask_loss_and_class_selection():
     logits = torch.zeros(3, 2, 4, 4)
     logits[1, 1] = 5.0
@@ -138,3 +152,34 @@ def test_parameter_counts_beside_torchvision():
     mask = build_model(load_config(Config, "configs/mask-rcnn-resnet50-fpn-1x.yaml").model, 90)
     assert sum(p.numel() for p in faster.parameters()) == 41_755_286 - 4 * 1025
     assert sum(p.numel() for p in mask.parameters()) == 44_401_393 - 4 * 1025 - 257
+
+
+@pytest.mark.parametrize("style", ["pytorch", "v2"])
+def test_imagenet_trunk_weights_fill_the_c4_res5_head(tmp_path, style):
+    # the C4 box head owns the trunk's res5 stage (and v2's final norm): ImageNet weights must land there too
+    from detkit.engine.trainer import load_model_weights
+    from detkit.modeling.backbones.resnet import ResNet
+
+    torch.manual_seed(0)
+    trunk = ResNet(depth=18, style=style, norm="BN", freeze_at=0, out_features=("res5",))
+    for name, tensor in trunk.state_dict().items():  # non-trivial statistics too
+        if tensor.is_floating_point():
+            tensor.copy_(torch.rand_like(tensor) + 0.5)
+    torch.save(trunk.state_dict(), tmp_path / "trunk.pth")
+    cfg = load_config(Config, "configs/faster-rcnn-resnet50-c4-1x.yaml",
+                      ["model.backbone.depth=18", f"model.backbone.style={style}", "model.backbone.norm=BN",
+                       "model.backbone.freeze_at=0"])
+    model = build_model(cfg.model, 3)
+    message = load_model_weights(model, str(tmp_path / "trunk.pth"), backbone_only=True)
+    assert f"{len(trunk.state_dict())} tensors loaded" in message
+    own = model.state_dict()
+    res5 = model.stages[0].head.res5
+    assert torch.equal(own["stages.0.head.res5.1.conv2.weight"], trunk.state_dict()["layer4.1.conv2.weight"])
+    assert torch.equal(own["backbone.layer3.0.conv1.weight"], trunk.state_dict()["layer3.0.conv1.weight"])
+    if style == "v2":
+        assert torch.equal(res5[2].running_var, trunk.post_norm.running_var)
+    x = torch.randn(2, 256, 7, 7)
+    model.eval()
+    trunk.eval()
+    expected = trunk.post_norm(trunk.layer4(x)).relu() if style == "v2" else trunk.layer4(x)
+    assert torch.allclose(model.stages[0].head(x, return_map=True)[1], expected, atol=1e-5)

@@ -1,14 +1,23 @@
 """Third-party weights: torchvision key sets written out by their own rules, safe reading, lenient loading."""
+from pathlib import Path
+
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from detkit.config import Config, load_config
+from detkit.engine.inference import load_detector
+from detkit.engine.trainer import load_model_weights
 from detkit.modeling.backbones.resnet import ResNet
+from detkit.modeling.build import build_model
 from detkit.modeling.heads.retina_head import RetinaHead
 from detkit.modeling.necks.fpn import FPN
-from detkit.modeling.weights import (WeightsError, convert, detect_format, load_weights, read_state_dict,
-                                     torchvision_resnet_to_detkit, torchvision_retinanet_to_detkit)
+from detkit.modeling.roi_heads.mask_head import select_class_masks
+from detkit.modeling.weights import (UNUSED_CLASS_LOGIT, WeightsError, convert, detect_format, load_weights,
+                                     read_state_dict, torchvision_rcnn_to_detkit, torchvision_resnet_to_detkit,
+                                     torchvision_retinanet_to_detkit)
 
 BN = ("weight", "bias", "running_mean", "running_var")
 RETINANET_R50_FPN_PARAMS = 34_014_999  # torchvision's table for retinanet_resnet50_fpn (FrozenBN: buffers)
@@ -205,3 +214,151 @@ def test_mismatched_class_count_is_skipped_and_reported(model):
     assert "head.cls_logits.weight (819, 256, 3, 3) vs model (72, 256, 3, 3)" in report.summary()
     with pytest.raises(WeightsError, match="cls_logits"):
         load_weights(small, coco, skip_mismatched=False)
+
+
+# ---------------------------------------------------------------------------------- Faster / Mask R-CNN (torchvision)
+
+FASTER_TV_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "faster-rcnn-resnet50-fpn-torchvision.yaml"
+MASK_TV_CONFIG = FASTER_TV_CONFIG.with_name("mask-rcnn-resnet50-fpn-torchvision.yaml")
+CLS_SCORE = "roi_heads.box_predictor.cls_score"
+
+
+def rcnn_keys(generation: int, masks: bool = True) -> dict[str, str]:
+    """torchvision fasterrcnn / maskrcnn_resnet50_fpn name -> detkit name, by rule, for naming generation 1 or 2.
+
+    Every tensor keeps its shape except cls_score (torchvision C rows, background first; detkit C + 1)."""
+    mapping = {f"backbone.body.{k}": f"backbone.{k}" for k in resnet50_keys()}
+    wrap = ".0" if generation == 2 else ""  # v2: Conv2dNormActivation wraps each FPN conv
+    for i in range(4):  # C2-C5; P6 is a max-pool without parameters
+        for p in ("weight", "bias"):
+            mapping[f"backbone.fpn.inner_blocks.{i}{wrap}.{p}"] = f"neck.lateral_convs.{i}.{p}"
+            mapping[f"backbone.fpn.layer_blocks.{i}{wrap}.{p}"] = f"neck.output_convs.{i}.{p}"
+    for p in ("weight", "bias"):
+        mapping[f"rpn.head.conv{'.0.0' if generation == 2 else ''}.{p}"] = f"rpn.head.conv.{p}"
+        mapping[f"rpn.head.cls_logits.{p}"] = f"rpn.head.objectness.{p}"
+        mapping[f"rpn.head.bbox_pred.{p}"] = f"rpn.head.deltas.{p}"
+        for fc in ("fc6", "fc7"):
+            mapping[f"roi_heads.box_head.{fc}.{p}"] = f"stages.0.head.{fc}.{p}"
+        mapping[f"{CLS_SCORE}.{p}"] = f"stages.0.predictor.cls_score.{p}"
+        mapping[f"roi_heads.box_predictor.bbox_pred.{p}"] = f"stages.0.predictor.bbox_pred.{p}"
+        if masks:
+            for i in range(4):  # v1: mask_fcn1..4; v2: Sequential of Conv2dNormActivation
+                conv = f"{i}.0" if generation == 2 else f"mask_fcn{i + 1}"
+                mapping[f"roi_heads.mask_head.{conv}.{p}"] = f"mask_head.convs.{2 * i}.{p}"
+            mapping[f"roi_heads.mask_predictor.conv5_mask.{p}"] = f"mask_head.deconv.{p}"
+            mapping[f"roi_heads.mask_predictor.mask_fcn_logits.{p}"] = f"mask_head.predictor.{p}"
+    return mapping
+
+
+@pytest.fixture(scope="module")
+def mask_rcnn():
+    """The shipped torchvision Mask R-CNN config, built (91 classes: 92 score rows, 364 box rows, 91 masks)."""
+    torch.manual_seed(0)
+    return build_model(load_config(Config, MASK_TV_CONFIG).model)
+
+
+def torchvision_rcnn_state_dict(model: nn.Module, generation: int, masks: bool = True) -> dict[str, torch.Tensor]:
+    """A state dict in torchvision's layout: each tensor filled with its index (cheap, and a misrouted key shows up
+    as a wrong value), random predictors, and a 91-row cls_score with background at row 0."""
+    own = model.state_dict()
+    g = torch.Generator().manual_seed(generation)
+    theirs = {}
+    for i, (their_key, our_key) in enumerate(rcnn_keys(generation, masks).items()):
+        if "predictor" in their_key:
+            shape = (91, *own[our_key].shape[1:]) if their_key.startswith(CLS_SCORE) else own[our_key].shape
+            theirs[their_key] = torch.randn(shape, generator=g)
+        else:
+            theirs[their_key] = torch.empty_like(own[our_key]).fill_(i)
+    return theirs
+
+
+@pytest.mark.parametrize("generation", [1, 2])
+def test_torchvision_rcnn_every_key_maps_and_lands(mask_rcnn, generation):
+    mapping = rcnn_keys(generation)
+    assert set(mapping.values()) == set(mask_rcnn.state_dict())  # the rules cover the whole model
+    theirs = torchvision_rcnn_state_dict(mask_rcnn, generation)
+    theirs["backbone.body.bn1.num_batches_tracked"] = torch.tensor(5)  # dropped, as for BatchNorm checkpoints
+    assert detect_format(theirs) == "torchvision_rcnn"
+    converted = torchvision_rcnn_to_detkit(theirs)
+    assert converted.keys() == set(mapping.values())
+    report = load_weights(mask_rcnn, convert(theirs), skip_mismatched=False)
+    assert (report.missing, report.unexpected, report.mismatched) == ([], [], [])
+    own = mask_rcnn.state_dict()
+    for their_key, our_key in mapping.items():
+        if not their_key.startswith(CLS_SCORE):
+            assert torch.equal(own[our_key], theirs[their_key]), their_key
+    # class rows: detkit row k = torchvision row k for k = 1..90, torchvision's background row 0 -> detkit row 91
+    # (background last), and detkit row 0 (COCO id 0, which does not exist) never scores
+    weight, bias = own["stages.0.predictor.cls_score.weight"], own["stages.0.predictor.cls_score.bias"]
+    assert torch.equal(weight[1:91], theirs[f"{CLS_SCORE}.weight"][1:])
+    assert torch.equal(bias[1:91], theirs[f"{CLS_SCORE}.bias"][1:])
+    assert torch.equal(weight[91], theirs[f"{CLS_SCORE}.weight"][0]) and bias[91] == theirs[f"{CLS_SCORE}.bias"][0]
+    assert not weight[0].any() and bias[0] == UNUSED_CLASS_LOGIT
+
+
+def test_torchvision_rcnn_scores_boxes_and_masks_match_torchvision(mask_rcnn):
+    theirs = torchvision_rcnn_state_dict(mask_rcnn, 1)
+    load_weights(mask_rcnn, convert(theirs), skip_mismatched=False)
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(6, 1024, generator=g) * 3
+    with torch.no_grad():
+        logits, deltas = mask_rcnn.stages[0].predictor(features)  # (6, 92), (6, 364)
+    their_probs = F.softmax(F.linear(features, theirs[f"{CLS_SCORE}.weight"], theirs[f"{CLS_SCORE}.bias"]), -1)
+    probs = F.softmax(logits, -1)  # detkit's classes 0..90, then background
+    torch.testing.assert_close(probs[:, 1:91], their_probs[:, 1:])
+    torch.testing.assert_close(probs[:, 91], their_probs[:, 0])
+    assert probs[:, 0].eq(0).all()  # exp(-1e4) underflows: class 0 takes no probability mass
+    their_deltas = F.linear(features, theirs["roi_heads.box_predictor.bbox_pred.weight"],
+                            theirs["roi_heads.box_predictor.bbox_pred.bias"])
+    # (6, 364) -> (6, 91, 4): block k is class k in both, torchvision's background block under detkit's class 0
+    torch.testing.assert_close(deltas.view(6, 91, 4)[:, 1:], their_deltas.view(6, 91, 4)[:, 1:])
+    # mask logits of each detection's class: channel k in both
+    head = mask_rcnn.mask_head
+    pooled = torch.randn(4, 256, 14, 14, generator=g)
+    labels = torch.tensor([1, 17, 90, 44])
+    with torch.no_grad():
+        ours = select_class_masks(head(pooled), labels)  # (4, 28, 28)
+        hidden = torch.relu(head.deconv(head.convs(pooled)))
+        their_logits = F.conv2d(hidden, theirs["roi_heads.mask_predictor.mask_fcn_logits.weight"],
+                                theirs["roi_heads.mask_predictor.mask_fcn_logits.bias"])  # (4, 91, 28, 28)
+    torch.testing.assert_close(ours, their_logits[torch.arange(4), labels])
+
+
+def test_torchvision_rcnn_unknown_and_mixed_keys_are_refused(mask_rcnn):
+    theirs = {k: torch.zeros(1) for k in rcnn_keys(1, masks=False)}
+    with pytest.raises(WeightsError, match="roi_heads.keypoint_head.conv_fcn1.weight"):
+        convert({**theirs, "roi_heads.keypoint_head.conv_fcn1.weight": torch.zeros(1)})
+    with pytest.raises(WeightsError, match="roi_heads.box_head.fc8.weight"):
+        torchvision_rcnn_to_detkit({"roi_heads.box_head.fc8.weight": torch.zeros(1)})
+    with pytest.raises(WeightsError, match="two torchvision keys map to rpn.head.conv.weight"):
+        convert({**theirs, "rpn.head.conv.0.0.weight": torch.zeros(1)})  # v1 and v2 names at once
+    # RetinaNet keys in an R-CNN file are unknown there, and the other way round
+    with pytest.raises(WeightsError, match="backbone.fpn.extra_blocks.p6.weight"):
+        convert({**theirs, "backbone.fpn.extra_blocks.p6.weight": torch.zeros(1)})
+    # detkit's own two-stage checkpoints (rpn.*, stages.*, mask_head.*) are recognised as detkit's
+    assert detect_format(mask_rcnn.state_dict()) == "detkit"
+
+
+def test_torchvision_rcnn_configs_build_and_load_like_model_weights(mask_rcnn, tmp_path, caplog):
+    faster_cfg, mask_cfg = load_config(Config, FASTER_TV_CONFIG), load_config(Config, MASK_TV_CONFIG)
+    for cfg in (faster_cfg, mask_cfg):
+        m, r, rpn = cfg.model, cfg.model.roi_heads, cfg.model.rpn
+        assert (m.num_classes, m.label_space, m.backbone.norm_eps) == (91, "coco91", 0.0)
+        assert (m.fpn.min_level, m.fpn.max_level, m.fpn.extra_source) == (2, 6, "pool")
+        assert (m.anchors.round_base, m.anchors.stride_mode, rpn.min_box_size) == (True, "image_over_grid", 1e-3)
+        assert (r.aligned, r.sampling_ratio, r.level_eps, r.min_box_size) == (False, 2, 1e-6, 0.01)
+    assert (mask_cfg.model.arch, mask_cfg.model.mask_head.sampling_ratio, mask_cfg.model.mask_head.paste) == (
+        "mask_rcnn", 2, "torchvision")
+    assert mask_rcnn.box_pooler.eps == 1e-6 and not mask_rcnn.mask_pooler.aligned
+    # model.weights: Trainer -> load_model_weights -> convert(read_state_dict(path)); a torchvision .pth file
+    path = tmp_path / "maskrcnn_resnet50_fpn_coco.pth"
+    torch.save(torchvision_rcnn_state_dict(mask_rcnn, 2), path)
+    with caplog.at_level("WARNING"):
+        message = load_model_weights(mask_rcnn, str(path))
+    assert message.endswith(f"{len(mask_rcnn.state_dict())} tensors loaded") and not caplog.records
+    # `detkit eval/predict --weights`: load_detector builds the Faster R-CNN config and refuses any misfit
+    path = tmp_path / "fasterrcnn_resnet50_fpn_coco.pth"
+    torch.save(torchvision_rcnn_state_dict(mask_rcnn, 1, masks=False), path)
+    faster, categories = load_detector(faster_cfg, str(path), torch.device("cpu"))
+    assert faster.num_classes == 91 and not faster.has_masks and [c["id"] for c in categories] == list(range(91))
+    assert faster.stages[0].predictor.cls_score.bias[0] == UNUSED_CLASS_LOGIT

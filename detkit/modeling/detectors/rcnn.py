@@ -74,6 +74,20 @@ class TwoStageDetector(nn.Module):
     def has_masks(self) -> bool:
         return self.mask_head is not None
 
+    def route_trunk_weights(self, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], tuple[str, ...]]:
+        """ImageNet trunk tensors (ResNet names) -> this model's names, and the model prefixes the trunk fills.
+
+        The C4 res5 head took the trunk's last stage (`take_res5`), so its `layer4.*` (and v2 `post_norm.*`)
+        tensors go to `stages.0.head.res5.*`; everything else goes to `backbone.*`.
+        """
+        head = self.stages[0].head
+        moved = head.trunk_names() if hasattr(head, "trunk_names") else {}
+        out = {}
+        for key, value in state.items():
+            prefix = next((p for p in moved if key.startswith(p)), None)
+            out[f"stages.0.head.{moved[prefix]}{key[len(prefix):]}" if prefix else f"backbone.{key}"] = value
+        return out, ("backbone.", *(f"stages.0.head.{name}" for name in moved.values()))
+
     def forward(self, images: Tensor, image_sizes: Tensor,
                 targets: list | None = None) -> dict[str, Tensor] | list[Detections]:
         """Args:
@@ -179,7 +193,8 @@ class TwoStageDetector(nn.Module):
         # Cascade R-CNN scores each stage on its own input boxes and averages the class probabilities
         scores = (probs_sum / len(self.stages))[..., :k] * valid[..., None]
         detections, _ = fast_rcnn_inference(scores, decoded, image_sizes, score_threshold=cfg.score_threshold,
-                                            nms_threshold=cfg.nms_threshold, max_detections=cfg.max_detections)
+                                            nms_threshold=cfg.nms_threshold, max_detections=cfg.max_detections,
+                                            min_box_size=cfg.min_box_size)
         if self.has_masks:
             self._attach_masks(roi_maps, detections)
         return detections

@@ -36,6 +36,17 @@ class Res5Head(nn.Module):
             _set_first_block_stride(self.res5, 1)
         self.out_features = _out_channels(res5)
 
+    def trunk_names(self) -> dict[str, str]:
+        """Prefixes of the trunk's state dict that now live here: {"layer4.": "res5.", ...} (ImageNet loading).
+
+        A v1 `layer4` is `res5` itself; a v2 res5 is Sequential(units..., post_norm, ReLU) (see `take_res5`).
+        """
+        units = [i for i, m in enumerate(self.res5) if any(isinstance(c, nn.Conv2d) for c in m.modules())]
+        names = {f"layer4.{i}.": f"res5.{i}." for i in units}
+        if len(units) < len(self.res5):  # v2: the post-norm follows the units
+            names["post_norm."] = f"res5.{len(units)}."
+        return names
+
     def forward(self, x: Tensor, return_map: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         y = self.res5(x)  # (R, 2048, r', r')
         pooled = y.mean(dim=(2, 3))  # (R, 2048)
@@ -51,15 +62,26 @@ def _set_first_block_stride(stage: nn.Sequential, stride: int) -> None:
 
 
 def _out_channels(stage: nn.Sequential) -> int:
-    convs = [m for m in stage[-1].modules() if isinstance(m, nn.Conv2d)]
+    # the last conv of the stage: a v2 res5 ends with its norm and ReLU, and a block's last conv (or its
+    # shortcut, registered after it) has the block's output width
+    convs = [m for m in stage.modules() if isinstance(m, nn.Conv2d)]
     return convs[-1].out_channels
 
 
 def take_res5(backbone: nn.Module) -> nn.Sequential:
-    """Remove the last stage (`layer4`) from a ResNet trunk and return it, for the C4 box head."""
+    """Remove the last stage (`layer4`) from a ResNet trunk and return it, for the C4 box head.
+
+    A pre-activation (v2) trunk's final norm (`post_norm`) and ReLU go with it, so the head pools normalised
+    features as SimpleDet's BboxC5Head does (res5 -> bn1 -> relu1 -> global pool): the result is
+    Sequential(res5 units..., post_norm, ReLU). v1 returns `layer4` itself (same parameter names as before).
+    """
     res5 = backbone.layer4
     del backbone.layer4
-    return res5
+    post_norm = getattr(backbone, "post_norm", None)
+    if post_norm is None:
+        return res5
+    del backbone.post_norm
+    return nn.Sequential(*res5, post_norm, nn.ReLU(inplace=True))
 
 
 class BoxPredictor(nn.Module):

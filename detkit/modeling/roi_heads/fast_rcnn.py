@@ -123,20 +123,27 @@ def fast_rcnn_losses(class_logits: Tensor, box_deltas: Tensor, rois: SampledRoIs
 
 @torch.no_grad()
 def fast_rcnn_inference(scores: Tensor, boxes: Tensor, image_sizes: Tensor, *, score_threshold: float,
-                        nms_threshold: float, max_detections: int) -> tuple[list[Detections], list[Tensor]]:
+                        nms_threshold: float, max_detections: int,
+                        min_box_size: float = 0.0) -> tuple[list[Detections], list[Tensor]]:
     """Per-class score threshold, one NMS over (image, class) pairs, the best `max_detections` per image.
 
     Args:
         scores: (N, S, K) foreground class probabilities.
         boxes: (N, S, K, 4) class-specific boxes, or (N, S, 1, 4) class-agnostic ones, in network pixels.
         image_sizes: (N, 2) (height, width) to clip to.
+        min_box_size: when > 0, clipped boxes with a side below it are dropped before NMS (torchvision's
+            `remove_small_boxes(1e-2)`); 0 keeps every box.
 
     Returns:
         One `Detections` per image, and per image the RoI row (0..S-1) each detection came from.
     """
     n, s, k = scores.shape
     boxes = clip_boxes_per_image(boxes.float().expand(n, s, k, 4), image_sizes)
-    keep = (scores > score_threshold).flatten()  # candidates are (image, RoI, class) triples
+    keep = scores > score_threshold  # candidates are (image, RoI, class) triples
+    if min_box_size > 0:
+        wh = boxes[..., 2:] - boxes[..., :2]  # (N, S, K, 2)
+        keep = keep & (wh >= min_box_size).all(dim=-1)
+    keep = keep.flatten()
     flat = torch.nonzero(keep).squeeze(1)
     image_idxs = torch.div(flat, s * k, rounding_mode="floor")
     roi_idxs = torch.div(flat, k, rounding_mode="floor") % s
