@@ -1,4 +1,4 @@
-"""The `detkit` command: train, eval, predict, demo, synth, check-data."""
+"""The `detkit` command: train, eval, predict, flops, demo, synth, check-data."""
 from __future__ import annotations
 
 import argparse
@@ -296,6 +296,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_flops(args: argparse.Namespace) -> int:
+    """`detkit flops CONFIG`: parameters and multiply-adds of one inference forward, by part."""
+    from .engine.flops import measure
+
+    cfg = _load_config(args)
+    try:
+        cost = measure(cfg, size=args.size, num_classes=args.num_classes)
+    except (TypeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(cost.format())
+    if args.json:
+        from .utils.fileio import write_json_atomic
+
+        print(f"written to {write_json_atomic(cost.to_dict(), args.json)}")
+    return 0
+
+
 def demo_overrides(root: str | Path, out: str | Path) -> list[str]:
     """Point the demo config at the synthetic dataset in `root` and its run folder at `out`."""
     return [f"data.train.annotations={root}/annotations/instances_train.json", f"data.train.images={root}/train",
@@ -402,6 +420,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-threshold", type=float, default=0.3, help="draw detections scoring at least this")
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("flops", help="parameters and multiply-adds (MACs) of one inference forward, by part")
+    p.add_argument("config", help="the detector's config")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
+                   help="input height and width (default: the config's test size; resize_short: largest short "
+                        "side x max_size), padded to data.test_transform.size_divisibility")
+    p.add_argument("--num-classes", type=int, help="classes to build with (default: model.num_classes, else the "
+                                                   "val annotations' categories, else COCO's 91)")
+    p.add_argument("--json", help="also write the counts as JSON here")
+    p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("demo", help="the README's demo: train RetinaNet on the synthetic dataset, evaluate, draw")
     p.add_argument("overrides", nargs="*", help="overrides of the demo config, key=value")
