@@ -272,7 +272,7 @@ def run_predict(cfg, weights: str, inputs: Sequence[str], out_dir: str | Path, s
         batch = collate([(sample, meta)], cfg.data.test_transform.size_divisibility, transform.fixed_size)
         batch = batch.to(device)
         with torch.no_grad(), autocast(device, cfg.runtime.amp):
-            detections = model(batch.images, batch.image_sizes)
+            detections = model(batch.images, batch.image_sizes, image_scales=batch.image_scales)
         det = to_original(detections, batch.metas)[0]
         picture = draw_detections(image, det["boxes"], det["labels"], det["scores"], names,
                                   score_threshold=score_threshold)

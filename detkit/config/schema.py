@@ -6,7 +6,7 @@ config is executed. Field comments say what each value means and in which units.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Tuple
+from typing import Literal, Tuple, Union
 
 from .load import ConfigError
 
@@ -40,11 +40,43 @@ class InputConfig:
             raise ConfigError(f"model.input.pixel_std: every value must be > 0, got {self.pixel_std}")
 
 
+SPINENET_MODEL_IDS = ("49S", "49", "96", "143", "143L", "190")
+
+
+@dataclass
+class SpineNetConfig:
+    """SpineNet's size and training-time settings (reference sheet 1.3, 1.7). Momentum is PyTorch's: TF 0.99 ->
+    0.01 (Model Garden, the PyTorch port, the TPU Mask R-CNN yamls, eps 1e-3); TF 0.997 -> 0.003 (the TPU
+    RetinaNet yamls, eps 1e-4)."""
+
+    model_id: Union[str, int] = "49"  # 49S, 49, 96, 143, 143L or 190 (a bare 49 in YAML is read as "49")
+    activation: Literal["swish", "relu"] = "swish"
+    drop_connect_rate: float = 0.0  # stochastic depth of block group i of 15: rate * (i + 1) / 15; 0 is off
+    norm_momentum: float = 0.01
+    norm_eps: float = 1e-3
+
+    def __post_init__(self) -> None:
+        self.model_id = str(self.model_id).upper()
+        if self.model_id not in SPINENET_MODEL_IDS:
+            raise ConfigError(f"model.backbone.spinenet.model_id must be one of {list(SPINENET_MODEL_IDS)}, got "
+                              f"{self.model_id!r}")
+        if not 0.0 <= self.drop_connect_rate < 1.0:
+            raise ConfigError(f"model.backbone.spinenet.drop_connect_rate must be in [0, 1), got "
+                              f"{self.drop_connect_rate}")
+        if not 0.0 < self.norm_momentum <= 1.0 or self.norm_eps <= 0:
+            raise ConfigError("model.backbone.spinenet: norm_momentum must be in (0, 1] (PyTorch's convention: "
+                              "TF 0.99 is 0.01) and norm_eps > 0")
+
+
 @dataclass
 class BackboneConfig:
-    """The trunk. `weights`: a local ImageNet checkpoint (torchvision ResNet names, .pth or .safetensors)."""
+    """The trunk. `weights`: a local ImageNet checkpoint (torchvision ResNet names, .pth or .safetensors).
 
-    name: Literal["resnet"] = "resnet"
+    `resnet` feeds an FPN (`model.fpn`); `spinenet` (trained from scratch, `freeze_at: 0`) outputs P3-P7 itself and
+    replaces the FPN. depth, style and norm_eps are ResNet's; SpineNet's own settings are in `spinenet`.
+    """
+
+    name: Literal["resnet", "spinenet"] = "resnet"
     depth: int = 50
     # "pytorch": v1b, stride on the 3x3; "caffe": v1 MSRA, stride on the 1x1; "v2": pre-activation (MXNet zoo),
     # which normalises its own raw 0-255 RGB input: use it with model.input.normalization: raw
@@ -53,12 +85,16 @@ class BackboneConfig:
     freeze_at: int = 2  # 0 trains all; 1 freezes the stem; k >= 2 also res2..res{k}
     norm_eps: float = 1e-5  # torchvision's COCO detection weights were trained with 0
     weights: str = ""
+    spinenet: SpineNetConfig = field(default_factory=SpineNetConfig)
 
     def __post_init__(self) -> None:
         if self.depth not in (18, 34, 50, 101):
             raise ConfigError(f"model.backbone.depth must be 18, 34, 50 or 101, got {self.depth}")
         if not 0 <= self.freeze_at <= 5:
             raise ConfigError(f"model.backbone.freeze_at must be in 0..5, got {self.freeze_at}")
+        if self.name == "spinenet" and self.freeze_at != 0:
+            raise ConfigError(f"model.backbone.freeze_at must be 0 with SpineNet (it has no stages to freeze), got "
+                              f"{self.freeze_at}")
 
 
 @dataclass
@@ -98,8 +134,11 @@ class RetinaNetConfig:
     head_width: int = 256
     head_norm: Literal["", "BN", "SyncBN", "GN"] = ""
     norm_per_level: bool = True  # SpineNet's head: shared convs, one BatchNorm per level
+    head_norm_momentum: float = 0.1  # PyTorch's convention (TF 0.99 -> 0.01); SpineNet: the backbone's
+    head_norm_eps: float = 1e-5
     activation: Literal["relu", "swish"] = "relu"
     prior_prob: float = 0.01
+    predictor_std: float = 0.01  # init std of the two 3x3 predictor convs (TF RetinaNet/SpineNet: 1e-5)
     # matcher: IoU < fg_iou ignored from bg_iou up; fg_iou == bg_iou means no ignore band (TF)
     fg_iou: float = 0.5
     bg_iou: float = 0.4
@@ -152,6 +191,10 @@ class RPNConfig:
     nms_threshold: float = 0.7
     min_box_size: float = 0.0  # proposals with a side not above this are dropped (torchvision: 1e-3)
     head_channels: int = 0  # width of the 3x3 conv; 0: the input's (detectron2); SimpleDet's C4 RPN uses 512
+    # a norm after the 3x3 conv, one per level (SpineNet's TF Mask R-CNN: BN), momentum in PyTorch's convention
+    norm: Literal["", "BN", "SyncBN", "GN"] = ""
+    norm_momentum: float = 0.1
+    norm_eps: float = 1e-5
     box_loss: Literal["smooth_l1", "l1"] = "l1"
     box_loss_beta: float = 0.0
     loss_weight: float = 1.0
@@ -169,11 +212,19 @@ class RoIHeadsConfig:
 
     `head`: "2mlp" (FPN: RoIAlign 7x7 on P2-P5, two 1024-d fc layers) or "res5" (C4: RoIAlign on res4, then the
     ResNet's res5 stage and global average pooling; Detectron pools 14x14 with res5 stride 2, SimpleDet's
-    C5-*ROI heads pool 7x7 with `res5_stride: 1`).
+    C5-*ROI heads pool 7x7 with `res5_stride: 1`), or "convfc": like 2mlp on the pyramid, but `num_convs` 3x3
+    convs of `conv_dim` then `num_fcs` fc layers of `fc_dim`, each with `norm` (SpineNet's TF Mask R-CNN:
+    4 convs, 1 fc, BatchNorm). SpineNet's pyramid is P3-P7, and RoIs pool from all five levels.
     """
 
-    head: Literal["2mlp", "res5"] = "2mlp"
+    head: Literal["2mlp", "res5", "convfc"] = "2mlp"
     fc_dim: int = 1024
+    num_convs: int = 4  # convfc only
+    conv_dim: int = 256  # convfc only
+    num_fcs: int = 1  # convfc only
+    norm: Literal["", "BN", "SyncBN", "GN"] = ""  # convfc only; momentum in PyTorch's convention
+    norm_momentum: float = 0.1
+    norm_eps: float = 1e-5
     res5_stride: int = 2
     pooler_resolution: int = 7
     sampling_ratio: int = 0  # samples per bin and axis; 0: adaptive, ceil(roi size / output size)
@@ -203,6 +254,9 @@ class RoIHeadsConfig:
             raise ConfigError("model.roi_heads.positive_fraction must be in (0, 1] and batch_size_per_image > 0")
         if self.res5_stride not in (1, 2):
             raise ConfigError(f"model.roi_heads.res5_stride must be 1 or 2, got {self.res5_stride}")
+        if self.num_convs < 0 or self.num_fcs < 1:
+            raise ConfigError(f"model.roi_heads: convfc needs num_convs >= 0 and num_fcs >= 1, got "
+                              f"{self.num_convs} and {self.num_fcs}")
 
 
 @dataclass
@@ -221,6 +275,10 @@ class MaskHeadConfig:
     # how a 28x28 mask is resampled into the image: "detectron2" (bilinear at pixel centres over the box) or
     # "torchvision" (zero border, box grown by 30/28 and truncated to integer pixels; see mask_ops.paste_masks)
     paste: Literal["detectron2", "torchvision"] = "detectron2"
+    # a norm before every ReLU of the head (SpineNet's TF Mask R-CNN: BN), momentum in PyTorch's convention
+    norm: Literal["", "BN", "SyncBN", "GN"] = ""
+    norm_momentum: float = 0.1
+    norm_eps: float = 1e-5
 
 
 @dataclass
@@ -239,6 +297,49 @@ class CascadeConfig:
 
 
 @dataclass
+class TridentConfig:
+    """TridentNet (Li et al. 2019) on Faster R-CNN C4 (reference sheet 5): the last `num_blocks` res4 units run
+    once per branch, their 3x3 convs with the branch's dilation, every weight shared; the branches are folded into
+    the batch, so the RPN and the RoI head run once over all of them (RoI sampling is per image and branch).
+
+    `valid_ranges`: per branch [low, high] of a box's sqrt(w * h) in original-image pixels (1e9: no upper bound).
+    With `scale_aware`, RPN anchors near an out-of-range ground-truth box (IoU > `anchor_ignore_iou`) are ignored
+    and training proposals outside the range dropped, per branch; at test time with every branch each branch's
+    detections outside its range are dropped before the branches are merged and NMS'd together.
+    `test_branch`: -1 tests with every branch (TridentNet); k only with branch k (Trident-Fast: 1, dilation 2).
+    """
+
+    enabled: bool = False
+    num_branches: int = 3
+    dilations: Tuple[int, ...] = (1, 2, 3)
+    num_blocks: int = -1  # trident units at the end of res4; -1: all but the first (SimpleDet: num_block - 1)
+    valid_ranges: Tuple[Tuple[float, float], ...] = ((0.0, 90.0), (30.0, 160.0), (90.0, 1e9))
+    scale_aware: bool = True
+    anchor_ignore_iou: float = 0.3
+    test_branch: int = -1
+
+    def __post_init__(self) -> None:
+        b = self.num_branches
+        if b < 1:
+            raise ConfigError(f"model.trident.num_branches must be >= 1, got {b}")
+        if len(self.dilations) != b or min(self.dilations) < 1:
+            raise ConfigError(f"model.trident.dilations needs num_branches ({b}) values >= 1, got {self.dilations}")
+        if len(self.valid_ranges) != b:
+            raise ConfigError(f"model.trident.valid_ranges needs one [low, high] per branch ({b}), got "
+                              f"{len(self.valid_ranges)}")
+        if any(not 0 <= low < high for low, high in self.valid_ranges):
+            raise ConfigError(f"model.trident.valid_ranges must satisfy 0 <= low < high, got {self.valid_ranges}")
+        if self.num_blocks == 0 or self.num_blocks < -1:
+            raise ConfigError(f"model.trident.num_blocks must be -1 (all res4 units but the first) or >= 1, got "
+                              f"{self.num_blocks}")
+        if not -1 <= self.test_branch < b:
+            raise ConfigError(f"model.trident.test_branch must be -1 (every branch) or in 0..{b - 1}, got "
+                              f"{self.test_branch}")
+        if not 0 <= self.anchor_ignore_iou <= 1:
+            raise ConfigError(f"model.trident.anchor_ignore_iou must be in [0, 1], got {self.anchor_ignore_iou}")
+
+
+@dataclass
 class ModelConfig:
     arch: Literal["retinanet", "faster_rcnn", "mask_rcnn", "cascade_rcnn"] = "retinanet"
     num_classes: int = 0  # 0: take the number of categories from the training set
@@ -254,6 +355,7 @@ class ModelConfig:
     roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
     mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    trident: TridentConfig = field(default_factory=TridentConfig)
     # a whole-detector checkpoint to start from: a detkit checkpoint or torchvision's retinanet_resnet50_fpn,
     # fasterrcnn_resnet50_fpn or maskrcnn_resnet50_fpn COCO weights (.pth read with weights_only=True, or
     # .safetensors); class-count mismatches are skipped
@@ -262,6 +364,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.num_classes < 0:
             raise ConfigError(f"model.num_classes must be >= 0, got {self.num_classes}")
+        if self.trident.enabled and (self.arch != "faster_rcnn" or self.roi_heads.head != "res5"
+                                     or self.backbone.name != "resnet"):
+            raise ConfigError("model.trident needs arch faster_rcnn with the C4 head (model.roi_heads.head: res5) on "
+                              f"a resnet backbone, got arch {self.arch}, head {self.roi_heads.head}, backbone "
+                              f"{self.backbone.name}")
 
 
 @dataclass
@@ -391,3 +498,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     name: str = ""  # a human name for the run; defaults to the config file's stem
+
+    def __post_init__(self) -> None:
+        if self.model.arch == "mask_rcnn" and not self.data.load_masks:
+            raise ConfigError("model.arch mask_rcnn learns from instance masks: set data.load_masks: true")

@@ -7,6 +7,7 @@ number of workers or on which worker ran them, and a run can resume at any itera
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass
 from functools import partial
@@ -59,6 +60,9 @@ class Batch:
     image_sizes: torch.Tensor  # (N, 2) int64 (height, width) before padding
     targets: list  # N Targets
     metas: list  # N ImageMeta
+    # (N,) float32 network pixels per original pixel, sqrt(|ax * ay|) of each meta's affine: sqrt(w * h) of a box
+    # in the network divided by it is the box's sqrt(w * h) in the original image (TridentNet's size ranges)
+    image_scales: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -66,11 +70,13 @@ class Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         return Batch(self.images.to(device, non_blocking=non_blocking),
                      self.image_sizes.to(device, non_blocking=non_blocking),
-                     [t.to(device, non_blocking) for t in self.targets], self.metas)
+                     [t.to(device, non_blocking) for t in self.targets], self.metas,
+                     None if self.image_scales is None else self.image_scales.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "Batch":
         return Batch(self.images.pin_memory(), self.image_sizes.pin_memory(),
-                     [t.pin_memory() for t in self.targets], self.metas)
+                     [t.pin_memory() for t in self.targets], self.metas,
+                     None if self.image_scales is None else self.image_scales.pin_memory())
 
 
 class DetectionDataset(Dataset):
@@ -152,8 +158,9 @@ def collate(items: Sequence[tuple[Sample, ImageMeta]], size_divisibility: int = 
                                ignore_boxes=torch.from_numpy(
                                    np.ascontiguousarray(sample.ignore_boxes, np.float32)).reshape(-1, 4),
                                masks=sample.masks))
+    scales = [math.sqrt(abs(m.affine[0] * m.affine[2])) for _, m in items]
     return Batch(images=images, image_sizes=torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2),
-                 targets=targets, metas=[m for _, m in items])
+                 targets=targets, metas=[m for _, m in items], image_scales=torch.tensor(scales, dtype=torch.float32))
 
 
 def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:

@@ -75,7 +75,7 @@ def predict(model: nn.Module, loader, device: torch.device, amp: str = "none",
         for batch in loader:
             batch_dev = batch.to(device, non_blocking=True)
             with autocast(device, amp):
-                detections = model(batch_dev.images, batch_dev.image_sizes)
+                detections = model(batch_dev.images, batch_dev.image_sizes, image_scales=batch_dev.image_scales)
             if bar is not None:
                 bar.update()
             yield batch, detections

@@ -250,7 +250,7 @@ class Trainer:
         for _ in range(solver.accumulate):
             batch = next(data_iter).to(self.device, non_blocking=True)
             with autocast(self.device, amp):
-                losses = self.model(batch.images, batch.image_sizes, batch.targets)
+                losses = self.model(batch.images, batch.image_sizes, batch.targets, image_scales=batch.image_scales)
             loss = sum(v for k, v in losses.items() if k.startswith("loss")) / solver.accumulate
             self.scaler.scale(loss).backward()
             for k, v in losses.items():

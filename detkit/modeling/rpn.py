@@ -20,25 +20,35 @@ from ..ops.losses import l1_loss, smooth_l1_loss
 from ..ops.nms import batched_nms
 from .anchors import AnchorGenerator
 from .matcher import BACKGROUND, FOREGROUND, IGNORE, Matcher, match_anchors
+from .norm import make_norm
+from .trident import box_scale_in_range, ignore_out_of_range_anchors
 
 # Anchors with IoU >= 0.7 are foreground, < 0.3 background, the best anchors of every box foreground too.
 RPN_MATCHER = Matcher((0.3, 0.7), (BACKGROUND, IGNORE, FOREGROUND), allow_low_quality_matches=True)
 
 
 class RPNHead(nn.Module):
-    """A 3x3 conv + ReLU shared over levels, then 1x1 convs for objectness (A sigmoid logits) and deltas (4A).
+    """A 3x3 conv (+ a per-level norm) + ReLU shared over levels, then 1x1 convs for objectness (A sigmoid logits)
+    and deltas (4A).
 
     Args:
         in_channels: feature width (256 for FPN, 1024 for C4 on res4).
         num_anchors: anchors per location (A): 3 for FPN, 15 for C4.
         channels: width of the 3x3 conv; 0 keeps `in_channels` (detectron2), SimpleDet's C4 RPN uses 512.
+        norm: "" (none) or a norm after the 3x3 conv, one per level (`num_levels`), as SpineNet's TF Mask R-CNN
+            has; `norm_momentum` (PyTorch's convention) and `norm_eps` configure it.
     """
 
-    def __init__(self, in_channels: int, num_anchors: int, channels: int = 0):
+    def __init__(self, in_channels: int, num_anchors: int, channels: int = 0, norm: str = "", num_levels: int = 1,
+                 norm_momentum: float = 0.1, norm_eps: float = 1e-5):
         super().__init__()
         self.num_anchors = num_anchors
         channels = channels or in_channels
         self.conv = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.norms = None
+        if norm:  # the conv is shared across levels, its norms are not
+            self.norms = nn.ModuleList(make_norm(norm, channels, momentum=norm_momentum, eps=norm_eps)
+                                       for _ in range(num_levels))
         self.objectness = nn.Conv2d(channels, num_anchors, 1)
         self.deltas = nn.Conv2d(channels, num_anchors * 4, 1)
         for conv in (self.conv, self.objectness, self.deltas):
@@ -51,9 +61,10 @@ class RPNHead(nn.Module):
         The anchor dimension follows `AnchorGenerator.grid_anchors`: location-major (y, then x), then anchor.
         """
         logits, deltas = [], []
-        for x in features:
+        for level, x in enumerate(features):
             n, _, h, w = x.shape
-            x = F.relu(self.conv(x))
+            x = self.conv(x)
+            x = F.relu(x if self.norms is None else self.norms[level](x))
             # (N, A, H, W) -> (N, H, W, A) -> (N, H*W*A)
             logits.append(self.objectness(x).permute(0, 2, 3, 1).reshape(n, -1))
             # (N, A*4, H, W) -> (N, A, 4, H, W) -> (N, H, W, A, 4) -> (N, H*W*A, 4)
@@ -103,7 +114,8 @@ def sample_labels(labels: Tensor, num_samples: int, positive_fraction: float,
 def label_and_sample_anchors(anchors: Tensor, gt_boxes: list[Tensor], ignore_boxes: list[Tensor] | None,
                              matcher: Matcher = RPN_MATCHER, *, batch_size_per_image: int = 256,
                              positive_fraction: float = 0.5, crowd_ioa: float = 0.5,
-                             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                             generator: torch.Generator | None = None, valid_ranges: Tensor | None = None,
+                             range_ignore_iou: float = 0.3) -> tuple[Tensor, Tensor]:
     """Match the anchors of a batch to its ground truth, then draw the balanced sample the RPN is trained on.
 
     Args:
@@ -113,12 +125,17 @@ def label_and_sample_anchors(anchors: Tensor, gt_boxes: list[Tensor], ignore_box
             `crowd_ioa` of their area are ignored (as in `retinanet.assign_targets`).
         matcher: `RPN_MATCHER` (0.3 / 0.7 with low-quality matches) for the published models.
         batch_size_per_image, positive_fraction, generator: see `sample_labels`.
+        valid_ranges: TridentNet's scale-aware training, or None: (N, 2) per image the (low, high) sqrt(w * h)
+            range in network pixels; before sampling, anchors whose IoU with a ground-truth box outside it
+            exceeds `range_ignore_iou` are ignored (SimpleDet 0.3).
 
     Returns:
         labels: (N, A) int8: 1 sampled foreground, 0 sampled background, -1 not sampled (or ignored).
         matched_boxes: (N, A, 4) float32 matched ground truth (the anchor itself where there is none).
     """
     _, labels, matched_boxes = match_anchors(anchors, gt_boxes, ignore_boxes, matcher, crowd_ioa)
+    if valid_ranges is not None:
+        labels = ignore_out_of_range_anchors(labels, anchors, gt_boxes, valid_ranges, range_ignore_iou)
     return sample_labels(labels, batch_size_per_image, positive_fraction, generator), matched_boxes
 
 
@@ -168,7 +185,7 @@ def generate_proposals(logits_per_level: Sequence[Tensor], deltas_per_level: Seq
                        box_coder: BoxCoder | None = None, *, pre_nms_topk: int, post_nms_topk: int,
                        nms_threshold: float = 0.7, min_size: float = 0.0,
                        post_nms_topk_mode: Literal["per_image", "per_batch"] = "per_image",
-                       ) -> list[tuple[Tensor, Tensor]]:
+                       valid_ranges: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
     """Decode the best anchors of every level into proposals, as detectron2's FPN and C4 RPNs do.
 
     Per image and level the `pre_nms_topk` anchors with the highest objectness are decoded and clipped to the
@@ -187,6 +204,8 @@ def generate_proposals(logits_per_level: Sequence[Tensor], deltas_per_level: Seq
         post_nms_topk: proposals kept after NMS, per image or per batch (see `post_nms_topk_mode`).
         nms_threshold: IoU above which a lower-scoring box of the same image and level is removed.
         min_size: boxes whose width or height is not larger than this are dropped.
+        valid_ranges: (N, 2) per image a (low, high) range of sqrt(w * h) in network pixels, or None: decoded
+            and clipped boxes outside it are dropped before the pre-NMS top-k (TridentNet's scale-aware training).
 
     Returns:
         per image (boxes (P_i, 4) float32, objectness logits (P_i,) float32), by descending logit; no gradient.
@@ -199,8 +218,17 @@ def generate_proposals(logits_per_level: Sequence[Tensor], deltas_per_level: Seq
     all_boxes, all_scores, all_groups = [], [], []
     image_idxs = torch.arange(n, device=device)[:, None]  # (N, 1)
     for level, (logits, deltas, anchors) in enumerate(zip(logits_per_level, deltas_per_level, anchors_per_level)):
+        logits = logits.detach().float()
+        if valid_ranges is not None:
+            # TridentNet (SimpleDet's Proposal_v2): out-of-range boxes leave before the top-k, so each branch
+            # keeps its own pre_nms_topk best in-range candidates; this decodes every anchor once
+            a = anchors.shape[0]
+            # (N*A_l, 4) decoded against their anchors -> (N, A_l, 4)
+            every = box_coder.decode(deltas.detach().reshape(-1, 4), anchors[None].expand(n, a, 4).reshape(-1, 4))
+            every = clip_boxes_per_image(every.view(n, a, 4), image_sizes)
+            logits = logits.masked_fill(~box_scale_in_range(every, valid_ranges.to(every)[:, None, :]), float("-inf"))
         k = min(pre_nms_topk, logits.shape[1])
-        top_logits, top_idxs = logits.detach().float().topk(k, dim=1)  # (N, k)
+        top_logits, top_idxs = logits.topk(k, dim=1)  # (N, k)
         # (N, A_l, 4) gathered at (N, k) -> (N, k, 4)
         top_deltas = deltas.detach().gather(1, top_idxs[..., None].expand(n, k, 4))
         # (N*k, 4) decoded against their anchors -> (N, k, 4)
@@ -257,6 +285,8 @@ class RPN(nn.Module):
             the number of anchors actually sampled (torchvision), which differs when an image has too few.
         crowd_ioa: background anchors covered more than this by a crowd region are ignored.
         post_nms_topk_mode: "per_image" (detectron2) or "per_batch" (Detectron's legacy FPN training).
+        range_ignore_iou: with `valid_ranges` (TridentNet), anchors above this IoU with an out-of-range
+            ground-truth box are ignored.
     """
 
     def __init__(self, *, head: RPNHead, anchor_generator: AnchorGenerator, matcher: Matcher, box_coder: BoxCoder,
@@ -265,7 +295,7 @@ class RPN(nn.Module):
                  batch_size_per_image: int = 256, positive_fraction: float = 0.5,
                  box_loss: Literal["l1", "smooth_l1"] = "l1", box_loss_beta: float = 0.0, loss_weight: float = 1.0,
                  normalizer: Literal["batch_size", "num_sampled"] = "batch_size", crowd_ioa: float = 0.5,
-                 post_nms_topk_mode: Literal["per_image", "per_batch"] = "per_image"):
+                 post_nms_topk_mode: Literal["per_image", "per_batch"] = "per_image", range_ignore_iou: float = 0.3):
         super().__init__()
         if head.num_anchors != anchor_generator.num_anchors:
             raise ValueError(f"the head predicts {head.num_anchors} anchors per location, the generator makes "
@@ -281,16 +311,19 @@ class RPN(nn.Module):
         self.batch_size_per_image, self.positive_fraction = batch_size_per_image, positive_fraction
         self.box_loss, self.box_loss_beta, self.loss_weight = box_loss, box_loss_beta, loss_weight
         self.normalizer, self.crowd_ioa, self.post_nms_topk_mode = normalizer, crowd_ioa, post_nms_topk_mode
+        self.range_ignore_iou = range_ignore_iou
 
     def forward(self, features: list[Tensor], image_sizes: Tensor, gt_boxes: list[Tensor] | None = None,
                 ignore_boxes: list[Tensor] | None = None, image_size: tuple[int, int] | None = None,
-                ) -> tuple[list[Tensor], dict[str, Tensor]]:
+                valid_ranges: Tensor | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
         """Args:
             features: per level (N, C, H, W) maps, finest first, matching the anchor generator's levels.
             image_sizes: (N, 2) (height, width) of each image before padding; proposals are clipped to it.
             gt_boxes: per image (G_i, 4) boxes; needed in training.
             ignore_boxes: per image (M_i, 4) crowd regions, or None.
             image_size: the padded (height, width) of the batch, for stride_mode "image_over_grid" anchors.
+            valid_ranges: (N, 2) per image a (low, high) sqrt(w * h) range in network pixels, or None
+                (TridentNet's scale-aware training: it filters the proposals and the anchor labels).
 
         Returns:
             proposals: per image (P_i, 4) float32 boxes by descending objectness, detached.
@@ -307,13 +340,14 @@ class RPN(nn.Module):
                                        pre_nms_topk=self.pre_nms_topk_train if train else self.pre_nms_topk_test,
                                        post_nms_topk=self.post_nms_topk_train if train else self.post_nms_topk_test,
                                        nms_threshold=self.nms_threshold, min_size=self.min_box_size,
-                                       post_nms_topk_mode=self.post_nms_topk_mode)
+                                       post_nms_topk_mode=self.post_nms_topk_mode, valid_ranges=valid_ranges)
         losses: dict[str, Tensor] = {}
         if train:
             anchors = torch.cat(anchors_per_level)  # (A, 4) over all levels
             labels, matched_boxes = label_and_sample_anchors(
                 anchors, gt_boxes, ignore_boxes, self.matcher, batch_size_per_image=self.batch_size_per_image,
-                positive_fraction=self.positive_fraction, crowd_ioa=self.crowd_ioa)
+                positive_fraction=self.positive_fraction, crowd_ioa=self.crowd_ioa, valid_ranges=valid_ranges,
+                range_ignore_iou=self.range_ignore_iou)
             if self.normalizer == "batch_size":
                 normalizer: float | Tensor = float(self.batch_size_per_image * len(gt_boxes))
             else:

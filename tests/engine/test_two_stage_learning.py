@@ -9,7 +9,7 @@ from detkit.config import Config, from_dict
 from detkit.engine.trainer import Trainer
 
 
-def two_stage_config(root, out, arch, head="2mlp", max_length=150, lr=0.001):
+def two_stage_config(root, out, arch, head="2mlp", max_length=150, lr=0.001, trident=False):
     data = {"train": {"annotations": str(root / "annotations/instances_train.json"), "images": str(root / "train")},
             "train_transform": {"short_sizes": [128], "max_size": 192, "flip_prob": 0.5},
             "test_transform": {"short_sizes": [128], "max_size": 192},
@@ -26,6 +26,10 @@ def two_stage_config(root, out, arch, head="2mlp", max_length=150, lr=0.001):
         model["rpn"] = {"anchor_sizes": [16, 32, 64, 128], "head_channels": 64, "pre_nms_topk_train": 300,
                         "post_nms_topk_train": 100, "pre_nms_topk_test": 300, "post_nms_topk_test": 100}
         model["roi_heads"].update(res5_stride=1, pooler_resolution=7)
+    if trident:  # the trident demo's head, smaller: 4x4 RoIs through res5 (stride 2), 16 RoIs per image and branch
+        model["trident"] = {"enabled": True, "valid_ranges": [[0, 40], [20, 80], [40, 1e9]]}
+        model["roi_heads"].update(res5_stride=2, pooler_resolution=4, batch_size_per_image=16, positive_fraction=0.5,
+                                  append_gt=False, class_agnostic=True)
     return from_dict(Config, {
         "model": model, "data": data,
         "solver": {"optimizer": "adamw", "base_lr": lr, "weight_decay": 0.05, "reference_batch_size": 4,
@@ -54,3 +58,10 @@ def test_two_stage_detectors_learn_the_synthetic_shapes(synth_root, tmp_path, ar
     assert metrics["bbox"]["AP50"] > 0.2 and metrics["bbox"]["AP"] > 0.06, metrics["bbox"]
     if arch == "mask_rcnn":
         assert metrics["segm"]["AP50"] > 0.15 and metrics["segm"]["AP"] > 0.05, metrics["segm"]
+
+
+def test_tridentnet_learns_the_synthetic_shapes(synth_root, tmp_path):
+    cfg = two_stage_config(synth_root, tmp_path / "trident", "faster_rcnn", "res5", trident=True)
+    metrics, rpn_losses = _train(cfg)
+    assert rpn_losses[-1] < 0.5 * rpn_losses[0], rpn_losses
+    assert metrics["bbox"]["AP50"] > 0.1 and metrics["bbox"]["AP"] > 0.03, metrics["bbox"]

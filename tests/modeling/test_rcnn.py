@@ -13,7 +13,7 @@ from detkit.modeling.roi_heads.mask_head import mask_rcnn_loss, select_class_mas
 from detkit.ops import BoxCoder
 
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")
-                 if p.name.split("-")[0] in ("faster", "mask", "cascade"))
+                 if p.name.split("-")[0] in ("faster", "mask", "cascade", "trident"))
 
 
 def test_label_and_sample_hand_made():
@@ -219,3 +219,23 @@ def test_losses_with_zero_predictors_have_closed_forms():
     assert losses["loss_cls"].item() == pytest.approx(np.log(4), rel=1e-6)
     assert losses["loss_rpn_cls"].item() == pytest.approx(np.log(2), rel=1e-6)
     assert losses["loss_mask"].item() == pytest.approx(np.log(2), rel=1e-6)
+
+
+@pytest.mark.parametrize("res5_stride,resolution", [(2, 14), (1, 7)])
+def test_c4_mask_rcnn_runs_its_mask_head_on_the_res5_map(res5_stride, resolution):
+    # Mask R-CNN C4 (detectron2): no mask pooler; the deconv + predictor read the box head's 7x7 res5 output
+    cfg = load_config(Config, "configs/faster-rcnn-resnet50-c4-1x.yaml",
+                      ["model.arch=mask_rcnn", "data.load_masks=true", "model.backbone.depth=18",
+                       f"model.roi_heads.res5_stride={res5_stride}",
+                       f"model.roi_heads.pooler_resolution={resolution}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 3)
+    assert model.mask_pooler is None and len(model.mask_head.convs) == 0
+    losses = model(*_batch(masks=True))
+    assert set(losses) >= {"loss_mask", "loss_cls"} and torch.isfinite(losses["loss_mask"])
+    losses["loss_mask"].backward()
+    assert model.stages[0].head.res5[0].conv1.weight.grad is not None  # the mask loss trains res5 too
+    model.eval()
+    with torch.no_grad():
+        dets = model(*_batch(masks=True)[:2])
+    assert all(d.mask_probs.shape[1:] == (14, 14) for d in dets)

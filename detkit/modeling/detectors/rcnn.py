@@ -2,7 +2,9 @@
 
 A backbone (+ FPN) feeds the RPN, whose proposals go through one box stage (Faster/Mask R-CNN) or several
 (Cascade R-CNN: each stage refines the previous stage's boxes with a stricter IoU). Mask R-CNN adds a mask
-branch on the foreground RoIs in training and on the final detections at test time.
+branch on the foreground RoIs in training and on the final detections at test time. TridentNet is Faster R-CNN
+C4 on a trident backbone whose res4 folds B branches into the batch: the RPN and the RoI head run on the B*N
+folded rows, each row its own "image" (`TridentBranches` folds the per-image inputs and merges the branches).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from ..batching import Detections, pad_per_image
 from ..mask_ops import mask_targets
 from ..roi_heads.fast_rcnn import SampledRoIs, fast_rcnn_inference, fast_rcnn_losses, label_and_sample_padded
 from ..roi_heads.mask_head import mask_rcnn_loss, select_class_masks
+from ..trident import TridentBranches, box_scale_in_range
 
 
 class BoxStage(nn.Module):
@@ -56,13 +59,20 @@ class TwoStageDetector(nn.Module):
         mask_pooler, mask_head: the mask branch (Mask R-CNN), or None. With the res5 box head the mask head reads
             the box head's res5 map instead (`mask_pooler` None).
         input_cfg: pixel normalisation of the uint8 input; cfg: sampling and post-processing; mask_cfg.
+        trident: TridentNet's branches (the backbone folds them into the batch; see `make_trident`), or None.
+            Sampling then draws `cfg.batch_size_per_image` RoIs per image and branch, and testing merges an
+            image's branches before the per-class NMS.
     """
 
     def __init__(self, *, backbone: nn.Module, neck: nn.Module | None, rpn: nn.Module, rpn_features: Sequence[str],
                  roi_features: Sequence[str], box_pooler: nn.Module, stages: Sequence[BoxStage],
                  input_cfg: InputConfig, cfg: RoIHeadsConfig, mask_pooler: nn.Module | None = None,
-                 mask_head: nn.Module | None = None, mask_cfg: MaskHeadConfig | None = None):
+                 mask_head: nn.Module | None = None, mask_cfg: MaskHeadConfig | None = None,
+                 trident: TridentBranches | None = None):
         super().__init__()
+        if trident is not None and mask_head is not None:
+            raise ValueError("TridentNet is built as Faster R-CNN: the mask branch does not unfold the branches")
+        self.trident = trident
         self.backbone, self.neck, self.rpn = backbone, neck, rpn
         self.rpn_features, self.roi_features = tuple(rpn_features), tuple(roi_features)
         self.box_pooler, self.stages = box_pooler, nn.ModuleList(stages)
@@ -88,12 +98,14 @@ class TwoStageDetector(nn.Module):
             out[f"stages.0.head.{moved[prefix]}{key[len(prefix):]}" if prefix else f"backbone.{key}"] = value
         return out, ("backbone.", *(f"stages.0.head.{name}" for name in moved.values()))
 
-    def forward(self, images: Tensor, image_sizes: Tensor,
-                targets: list | None = None) -> dict[str, Tensor] | list[Detections]:
+    def forward(self, images: Tensor, image_sizes: Tensor, targets: list | None = None, *,
+                image_scales: Tensor | None = None) -> dict[str, Tensor] | list[Detections]:
         """Args:
             images: (N, 3, H, W) uint8 RGB batch, zero-padded bottom/right.
             image_sizes: (N, 2) (height, width) before padding.
             targets: in training, per image `boxes`, `labels`, `ignore_boxes` (and `masks` for Mask R-CNN).
+            image_scales: (N,) network pixels per original-image pixel (`Batch.image_scales`); only TridentNet's
+                size ranges use it (they are in original pixels; None: taken as 1).
 
         Returns:
             training: the losses; eval: one `Detections` per image in network-input pixels (with `mask_probs`).
@@ -105,24 +117,34 @@ class TwoStageDetector(nn.Module):
         if self.neck is not None:
             with record_function("detkit.neck"):
                 features = self.neck(features)
+        num_images, ranges = images.shape[0], None
+        if self.trident is not None:
+            # the maps hold B rows per image, branch-major (row b * N + n): every per-image input follows
+            num_branches = features[self.rpn_features[0]].shape[0] // num_images
+            image_sizes, targets = self.trident.fold(image_sizes, targets, num_branches)
+            ranges = self.trident.ranges(num_images, num_branches, image_scales, images.device)  # (B*N, 2) or None
         gt_boxes = [t.boxes for t in targets] if self.training else None
         with record_function("detkit.rpn"):
+            # the ranges filter proposals in training only, as SimpleDet's test RPN keeps every proposal
             proposals, losses = self.rpn([features[f] for f in self.rpn_features], image_sizes, gt_boxes,
                                          [t.ignore_boxes for t in targets] if self.training else None,
-                                         image_size=tuple(images.shape[-2:]))
+                                         image_size=tuple(images.shape[-2:]),
+                                         valid_ranges=ranges if self.training else None)
         roi_maps = [features[f] for f in self.roi_features]
         if self.training:
-            losses.update(self._train_roi_heads(roi_maps, proposals, image_sizes, targets))
+            losses.update(self._train_roi_heads(roi_maps, proposals, image_sizes, targets, ranges))
             return losses
         with record_function("detkit.roi_heads"):
-            return self._infer(roi_maps, proposals, image_sizes)
+            return self._infer(roi_maps, proposals, image_sizes, num_images, ranges)
 
     def _train_roi_heads(self, roi_maps: list[Tensor], proposals: list[Tensor], image_sizes: Tensor,
-                         targets: list) -> dict[str, Tensor]:
+                         targets: list, ranges: Tensor | None = None) -> dict[str, Tensor]:
         cfg, losses = self.cfg, {}
         gt_boxes, gt_labels = [t.boxes for t in targets], [t.labels for t in targets]
         boxes, valid = pad_per_image([p.detach().float() for p in proposals], 4)
         gt, gt_valid = pad_per_image([b.float() for b in gt_boxes], 4)  # appended to every stage's proposals
+        if ranges is not None:  # TridentNet appends only a branch's in-range boxes (SimpleDet filter_scales)
+            gt_valid &= box_scale_in_range(gt, ranges[:, None, :])
         first_sample, res5_map = None, None
         for i, stage in enumerate(self.stages):
             if cfg.append_gt:
@@ -177,7 +199,10 @@ class TwoStageDetector(nn.Module):
         return mask_rcnn_loss(logits, gt, fg.flatten()) * self.mask_cfg.loss_weight
 
     @torch.no_grad()
-    def _infer(self, roi_maps: list[Tensor], proposals: list[Tensor], image_sizes: Tensor) -> list[Detections]:
+    def _infer(self, roi_maps: list[Tensor], proposals: list[Tensor], image_sizes: Tensor, num_images: int,
+               ranges: Tensor | None = None) -> list[Detections]:
+        """Score and decode the proposals of every (folded) row, then post-process each of the `num_images`
+        images (TridentNet: its branches' rows together, each filtered by its `ranges` row first)."""
         cfg = self.cfg
         boxes, valid = pad_per_image([p.float() for p in proposals], 4)  # (N, P, 4)
         n, p, _ = boxes.shape
@@ -192,6 +217,10 @@ class TwoStageDetector(nn.Module):
                 boxes = decoded[:, :, 0]
         # Cascade R-CNN scores each stage on its own input boxes and averages the class probabilities
         scores = (probs_sum / len(self.stages))[..., :k] * valid[..., None]
+        if self.trident is not None:
+            # (B*N, P, K) and (B*N, P, K or 1, 4) -> (N, B*P, ...): the branches of an image are merged
+            scores, decoded = self.trident.merge(scores, decoded, ranges, num_images)
+            image_sizes = image_sizes[:num_images]
         detections, _ = fast_rcnn_inference(scores, decoded, image_sizes, score_threshold=cfg.score_threshold,
                                             nms_threshold=cfg.nms_threshold, max_detections=cfg.max_detections,
                                             min_box_size=cfg.min_box_size)

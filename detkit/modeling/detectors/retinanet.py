@@ -147,12 +147,14 @@ class RetinaNet(nn.Module):
         # detectron2's normaliser state; a buffer so that it is checkpointed and resumes exactly
         self.register_buffer("loss_normalizer", torch.tensor(100.0))
 
-    def forward(self, images: Tensor, image_sizes: Tensor,
-                targets: list | None = None) -> dict[str, Tensor] | list[Detections]:
+    def forward(self, images: Tensor, image_sizes: Tensor, targets: list | None = None, *,
+                image_scales: Tensor | None = None) -> dict[str, Tensor] | list[Detections]:
         """Args:
             images: (N, 3, H, W) uint8 RGB batch, zero-padded bottom/right.
             image_sizes: (N, 2) (height, width) before padding.
             targets: in training, per image an object with `boxes`, `labels`, `ignore_boxes` (loader Targets).
+            image_scales: unused (RetinaNet does not depend on the original image size); accepted so that every
+                detector takes the same batch fields.
 
         Returns:
             training: {"loss_cls", "loss_box"}; eval: one `Detections` per image in network-input pixels.

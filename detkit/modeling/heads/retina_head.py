@@ -22,11 +22,14 @@ class RetinaHead(nn.Module):
         num_levels: pyramid levels (needed for per-level norms).
         prior_prob: initial foreground probability; the class bias starts at -log((1 - p) / p).
         activation: "relu" or "swish" (SiLU; SpineNet protocol C).
+        norm_momentum, norm_eps: of the norms (momentum in PyTorch's convention; SpineNet uses the backbone's).
+        predictor_std: init std of the two predictor convs (tower convs: 0.01; TF's SpineNet predictors: 1e-5).
     """
 
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, num_convs: int = 4, width: int = 256,
                  norm: str = "", norm_per_level: bool = True, num_levels: int = 5, prior_prob: float = 0.01,
-                 activation: str = "relu"):
+                 activation: str = "relu", norm_momentum: float = 0.1, norm_eps: float = 1e-5,
+                 predictor_std: float = 0.01):
         super().__init__()
         self.num_classes, self.num_anchors = num_classes, num_anchors
         channels = [in_channels] + [width] * num_convs
@@ -35,9 +38,10 @@ class RetinaHead(nn.Module):
         copies = num_levels if norm_per_level else 1
         if norm:
             # norms[level][conv] (a single shared set when norm_per_level is False)
-            self.cls_norms = nn.ModuleList(nn.ModuleList(make_norm(norm, width) for _ in range(num_convs))
+            kwargs = dict(momentum=norm_momentum, eps=norm_eps)
+            self.cls_norms = nn.ModuleList(nn.ModuleList(make_norm(norm, width, **kwargs) for _ in range(num_convs))
                                            for _ in range(copies))
-            self.box_norms = nn.ModuleList(nn.ModuleList(make_norm(norm, width) for _ in range(num_convs))
+            self.box_norms = nn.ModuleList(nn.ModuleList(make_norm(norm, width, **kwargs) for _ in range(num_convs))
                                            for _ in range(copies))
         else:
             self.cls_norms = self.box_norms = None
@@ -45,7 +49,7 @@ class RetinaHead(nn.Module):
         self.cls_logits = nn.Conv2d(width if num_convs else in_channels, num_anchors * num_classes, 3, padding=1)
         self.box_pred = nn.Conv2d(width if num_convs else in_channels, num_anchors * 4, 3, padding=1)
         for conv in [*self.cls_convs, *self.box_convs, self.cls_logits, self.box_pred]:
-            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.normal_(conv.weight, std=predictor_std if conv in (self.cls_logits, self.box_pred) else 0.01)
             nn.init.zeros_(conv.bias)
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..norm import make_norm
+
 
 class TwoMLPHead(nn.Module):
     """The FPN box head ("2MLP"): flatten (C, R, R) -> fc `fc_dim` -> ReLU -> fc `fc_dim` -> ReLU."""
@@ -20,6 +22,49 @@ class TwoMLPHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # (R, C, r, r) -> (R, C*r*r) -> (R, fc_dim)
         return torch.relu(self.fc7(torch.relu(self.fc6(x.flatten(1)))))
+
+
+class ConvFCHead(nn.Module):
+    """`num_convs` x (3x3 conv `conv_dim`, [norm], ReLU) -> flatten -> `num_fcs` x (fc `fc_dim`, [norm], ReLU).
+
+    SpineNet's TF Mask R-CNN uses 4 convs and 1 fc with BatchNorm ("4conv1fc"; TPU `FastrcnnHead`). As there,
+    the layers keep their biases next to a norm, convs start from He-normal fan-out init and fcs from
+    Glorot-uniform, biases 0. A norm over an fc's output treats it as (R, fc_dim, 1, 1).
+    """
+
+    def __init__(self, in_channels: int, resolution: int, *, num_convs: int = 4, conv_dim: int = 256,
+                 num_fcs: int = 1, fc_dim: int = 1024, norm: str = "", norm_momentum: float = 0.1,
+                 norm_eps: float = 1e-5):
+        super().__init__()
+        if num_fcs < 1:
+            raise ValueError(f"ConvFCHead needs at least one fc layer, got num_fcs={num_fcs}")
+
+        def make(channels: int) -> nn.Module:
+            return make_norm(norm, channels, momentum=norm_momentum, eps=norm_eps) if norm else nn.Identity()
+
+        self.convs = nn.ModuleList(nn.Conv2d(in_channels if i == 0 else conv_dim, conv_dim, 3, padding=1)
+                                   for i in range(num_convs))
+        self.conv_norms = nn.ModuleList(make(conv_dim) for _ in range(num_convs))
+        flat = (conv_dim if num_convs else in_channels) * resolution * resolution
+        self.fcs = nn.ModuleList(nn.Linear(flat if i == 0 else fc_dim, fc_dim) for i in range(num_fcs))
+        self.fc_norms = nn.ModuleList(make(fc_dim) for _ in range(num_fcs))
+        self.out_features = fc_dim
+        for conv in self.convs:
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+        for fc in self.fcs:
+            nn.init.xavier_uniform_(fc.weight)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for conv, norm in zip(self.convs, self.conv_norms):
+            x = torch.relu(norm(conv(x)))
+        x = x.flatten(1)  # (R, C, r, r) -> (R, C*r*r)
+        for fc, norm in zip(self.fcs, self.fc_norms):
+            x = fc(x)
+            # (R, F) -> (R, F, 1, 1) for the 2-D norm layers, and back
+            x = torch.relu(norm(x[:, :, None, None]).flatten(1))
+        return x
 
 
 class Res5Head(nn.Module):
