@@ -54,6 +54,9 @@ class SpineNetConfig:
     drop_connect_rate: float = 0.0  # stochastic depth of block group i of 15: rate * (i + 1) / 15; 0 is off
     norm_momentum: float = 0.01
     norm_eps: float = 1e-3
+    # DropBlock after every norm and on the shortcut of every block (protocol A); keep_prob 1.0 is off
+    dropblock_keep_prob: float = 1.0
+    dropblock_size: int = 7  # block side in pixels, clamped to each feature map
 
     def __post_init__(self) -> None:
         self.model_id = str(self.model_id).upper()
@@ -63,6 +66,12 @@ class SpineNetConfig:
         if not 0.0 <= self.drop_connect_rate < 1.0:
             raise ConfigError(f"model.backbone.spinenet.drop_connect_rate must be in [0, 1), got "
                               f"{self.drop_connect_rate}")
+        if not 0.0 < self.dropblock_keep_prob <= 1.0:
+            raise ConfigError(f"model.backbone.spinenet.dropblock_keep_prob must be in (0, 1] (1.0 is off), got "
+                              f"{self.dropblock_keep_prob}")
+        if isinstance(self.dropblock_size, bool) or not isinstance(self.dropblock_size, int) or self.dropblock_size < 1:
+            raise ConfigError(f"model.backbone.spinenet.dropblock_size must be an integer >= 1, got "
+                              f"{self.dropblock_size!r}")
         if not 0.0 < self.norm_momentum <= 1.0 or self.norm_eps <= 0:
             raise ConfigError("model.backbone.spinenet: norm_momentum must be in (0, 1] (PyTorch's convention: "
                               "TF 0.99 is 0.01) and norm_eps > 0")

@@ -47,7 +47,8 @@ def build_pyramid(cfg: ModelConfig) -> tuple[nn.Module, nn.Module | None, dict[s
     if b.name == "spinenet":
         s = b.spinenet
         backbone = SpineNet(s.model_id, norm=b.norm, norm_momentum=s.norm_momentum, norm_eps=s.norm_eps,
-                            activation=s.activation, drop_connect_rate=s.drop_connect_rate)
+                            activation=s.activation, drop_connect_rate=s.drop_connect_rate,
+                            dropblock_keep_prob=s.dropblock_keep_prob, dropblock_size=s.dropblock_size)
         return backbone, None, dict(backbone.out_strides), backbone.out_channels[backbone.out_features[0]]
     backbone, neck = build_resnet_fpn(cfg)
     return backbone, neck, {name: neck.out_strides[name] for name in neck.out_features}, neck.out_channels

@@ -8,8 +8,8 @@ from torch import nn
 from detkit.config import Config, ConfigError, load_config
 from detkit.config.schema import SPINENET_MODEL_IDS, BackboneConfig, ModelConfig, RoIHeadsConfig, SpineNetConfig
 from detkit.modeling.backbones import spinenet
-from detkit.modeling.backbones.spinenet import (BLOCK_SPECS, SCALING, Bottleneck, Resample, Scaling, SpineNet,
-                                                drop_connect, max_pool2d_same)
+from detkit.modeling.backbones.spinenet import (BLOCK_SPECS, SCALING, Bottleneck, DropBlock, Resample, Scaling,
+                                                SpineNet, drop_connect, max_pool2d_same)
 from detkit.modeling.build import build_model
 from detkit.modeling.norm import FrozenBatchNorm2d
 
@@ -220,3 +220,103 @@ def test_spinenet_49s_retinanet_parameter_count(monkeypatch):
     # The published 11.9 M (and 33.8 B multiply-adds) are those of the same model with 256-wide outputs: 11.945 M
     monkeypatch.setitem(spinenet.SCALING, "49S", Scaling(256, 0.65, 0.5, 1))
     assert _count("retinanet-spinenet-49s-640.yaml", 91) == pytest.approx(11.9, rel=0.005)
+
+
+def test_dropblock_is_the_identity_in_eval_and_at_keep_prob_1():
+    x = torch.randn(2, 3, 16, 16)
+    assert DropBlock(0.5, 3).eval()(x) is x
+    assert DropBlock(1.0, 3).train()(x) is x
+    assert DropBlock(0.5, 3).train()(torch.empty(0, 3, 16, 16)).shape == (0, 3, 16, 16)
+    with pytest.raises(ValueError, match="keep_prob"):
+        DropBlock(0.0, 3)
+    with pytest.raises(ValueError, match="block_size"):
+        DropBlock(0.9, 0)
+
+
+def test_dropblock_drops_about_1_minus_keep_prob_and_keeps_the_mean():
+    torch.manual_seed(0)
+    x = torch.rand(2, 16, 256, 256) + 0.5  # positive, mean 1
+    y = DropBlock(0.9, 7).train()(x)
+    dropped = (y == 0).float().mean().item()
+    # gamma makes the expected area of all blocks exactly 10% of the map; overlapping blocks count once, so the
+    # zeroed fraction is a little lower: 1 - (1 - gamma)^49 = 9.96% inside the map, less near the border. About
+    # 4,300 blocks are drawn, a relative sampling error of ~1.5% (0.0015 absolute); 0.09-0.105 leaves room for both.
+    assert 0.09 < dropped < 0.105
+    kept = y != 0
+    scale = y[kept] / x[kept]  # every kept value is scaled by numel / kept
+    torch.testing.assert_close(scale, torch.full_like(scale, 1 / (1 - dropped)))
+    assert y.mean().item() == pytest.approx(x.mean().item(), rel=0.01)  # rescaled: the mean is kept
+    ones = torch.ones(1, 8, 64, 64)
+    assert DropBlock(0.8, 5).train()(ones).mean().item() == pytest.approx(1.0, rel=1e-5)  # exactly, for constants
+
+
+@pytest.mark.parametrize("block_size", [3, 4, 7])
+def test_dropblock_zeros_whole_squares_inside_the_map(block_size):
+    torch.manual_seed(1)
+    y = DropBlock(0.99, block_size).train()(torch.ones(4, 64, 40, 40))  # ~0.4 blocks per channel
+    zeros = (y == 0).flatten(0, 1)  # (N*C, H, W)
+    counts = zeros.sum((1, 2))
+    # every block lies wholly inside the map: a channel with any zero has at least one full square
+    assert ((counts == 0) | (counts >= block_size ** 2)).all()
+    isolated = torch.nonzero(counts == block_size ** 2).flatten()  # channels holding exactly one block
+    assert len(isolated) > 10
+    for i in isolated.tolist():
+        rows, cols = torch.nonzero(zeros[i], as_tuple=True)
+        assert rows.max() - rows.min() + 1 == block_size and cols.max() - cols.min() + 1 == block_size
+
+
+def test_dropblock_clamps_the_block_to_small_maps():
+    torch.manual_seed(0)
+    # block 7 on a 3x3 map becomes 3x3 with one seed position, drawn with gamma = 1 - keep_prob: all or nothing
+    y = DropBlock(0.5, 7).train()(torch.ones(1, 2000, 3, 3))
+    counts = (y == 0).sum((2, 3)).flatten()
+    assert ((counts == 0) | (counts == 9)).all()
+    assert 0.45 < (counts == 9).float().mean() < 0.55
+    # an even block on a small odd map keeps the shape; a 1x1 map is dropped per channel
+    assert DropBlock(0.9, 4).train()(torch.ones(2, 3, 5, 7)).shape == (2, 3, 5, 7)
+    assert DropBlock(0.9, 7).train()(torch.ones(2, 3, 1, 1)).shape == (2, 3, 1, 1)
+
+
+def test_spinenet_with_dropblock_runs_forward_and_backward():
+    torch.manual_seed(0)
+    net = SpineNet("49S", norm="BN", activation="relu", dropblock_keep_prob=0.9, dropblock_size=3)
+    blocks = [m for m in net.modules() if isinstance(m, DropBlock)]
+    assert len(blocks) == 17  # one per block: 2 stem groups + 15 scale-permuted groups, one repeat each
+    assert all(m.keep_prob == 0.9 and m.block_size == 3 for m in blocks)
+    out = net(torch.randn(2, 3, 128, 128))
+    sum(x.float().square().mean() for x in out.values()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    net.eval()
+    with torch.no_grad():
+        x = torch.randn(1, 3, 64, 64)
+        first, second = net(x), net(x)
+    assert all(torch.equal(first[k], second[k]) for k in first)  # no DropBlock at eval
+
+
+def test_dropblock_config_validation():
+    assert SpineNetConfig().dropblock_keep_prob == 1.0 and SpineNetConfig().dropblock_size == 7
+    for keep_prob in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="dropblock_keep_prob"):
+            SpineNetConfig(dropblock_keep_prob=keep_prob)
+    for size in (0, 2.5):
+        with pytest.raises(ConfigError, match="dropblock_size"):
+            SpineNetConfig(dropblock_size=size)
+
+
+@pytest.mark.parametrize("size", ["49s-640", "49-640", "96-1024", "143-1280"])
+def test_protocol_a_configs(size):
+    a = load_config(Config, CONFIGS / f"retinanet-spinenet-{size}-protocol-a.yaml")
+    b = load_config(Config, CONFIGS / f"retinanet-spinenet-{size}.yaml")
+    s = a.model.backbone.spinenet
+    assert (s.activation, s.drop_connect_rate, s.dropblock_keep_prob, s.dropblock_size) == ("relu", 0.0, 0.9, 7)
+    assert a.data.train_transform.scale_range == (0.8, 1.2)
+    # 250 epochs of 463 steps at batch 256, x0.1 at the last 30 and 10 epochs
+    assert a.solver.unit == "epochs" and a.solver.max_length == 250 and tuple(a.solver.steps) == (220, 240)
+    assert [e * 463 for e in (250, *a.solver.steps)] == [115750, 101860, 111120]
+    assert (s.model_id, a.data.train_transform.output_size) == (b.model.backbone.spinenet.model_id,
+                                                                b.data.train_transform.output_size)
+    assert a.model.retinanet == b.model.retinanet and a.model.anchors == b.model.anchors
+    with torch.device("meta"):
+        model = build_model(a.model, 91)
+    blocks = [m for m in model.modules() if isinstance(m, DropBlock)]
+    assert blocks and all(m.keep_prob == 0.9 and m.block_size == 7 for m in blocks)

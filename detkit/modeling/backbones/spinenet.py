@@ -95,6 +95,44 @@ def drop_connect(x: Tensor, rate: float, training: bool) -> Tensor:
     return x * mask / keep
 
 
+class DropBlock(nn.Module):
+    """DropBlock (Ghiasi et al., 2018): in training, zero block_size x block_size squares of each sample's and
+    channel's map and rescale what is left so the mean is kept; the identity in eval or at keep_prob 1.
+
+    Block centres (seeds) are drawn only where the whole block fits, with probability
+    gamma = (1 - keep_prob) / b^2 * H*W / ((H - b + 1) * (W - b + 1)), so about 1 - keep_prob of the map is
+    dropped before overlaps; b is block_size clamped to the map. A stride-1 max-pool grows each seed into its
+    block. The rescale is numel / kept over the whole tensor (TPU `nn_ops.Dropblock`), not per sample.
+    """
+
+    def __init__(self, keep_prob: float = 1.0, block_size: int = 7):
+        super().__init__()
+        if not 0.0 < keep_prob <= 1.0:
+            raise ValueError(f"DropBlock keep_prob must be in (0, 1], got {keep_prob}")
+        if block_size < 1:
+            raise ValueError(f"DropBlock block_size must be >= 1, got {block_size}")
+        self.keep_prob, self.block_size = keep_prob, block_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, C, H, W)."""
+        if not self.training or self.keep_prob >= 1.0 or x.numel() == 0:
+            return x
+        height, width = x.shape[-2:]
+        size = min(self.block_size, height, width)
+        valid_h, valid_w = height - size + 1, width - size + 1  # seed positions whose block fits
+        gamma = (1.0 - self.keep_prob) / size ** 2 * height * width / (valid_h * valid_w)
+        # a max-pool with padding size // 2 reaches size // 2 pixels below/right of a seed and size - 1 - size // 2
+        # above/left: the seeds whose block fits start `before` pixels in (even sizes included)
+        before = size - 1 - size // 2
+        seeds = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
+        seeds[..., before:before + valid_h, before:before + valid_w] = (
+            torch.rand((*x.shape[:2], valid_h, valid_w), device=x.device) < gamma).float()
+        dropped = F.max_pool2d(seeds, size, stride=1, padding=size // 2)[..., :height, :width]  # even: H+1 -> H
+        mask = 1.0 - dropped
+        scale = mask.numel() / mask.sum().clamp(min=1.0)  # a tensor: no host synchronisation
+        return x * (mask * scale).to(x.dtype)
+
+
 def max_pool2d_same(x: Tensor, kernel_size: int, stride: int) -> Tensor:
     """Max-pool with TF "SAME" padding: output ceil(size / stride), the padding (never counted in the max) split
     with the odd pixel at the bottom/right. For an even input PyTorch's symmetric padding would shift every
@@ -109,10 +147,11 @@ def max_pool2d_same(x: Tensor, kernel_size: int, stride: int) -> Tensor:
 class Bottleneck(nn.Module):
     """1x1 -> 3x3 -> 1x1 (4 x width) convs, each with a norm, the first two with the activation; stochastic depth
     on the branch, the shortcut sum, the activation (TPU `bottleneck_block` at stride 1). The shortcut projects
-    (1x1 conv + norm) only when the input width differs from 4 x width."""
+    (1x1 conv + norm) only when the input width differs from 4 x width. DropBlock, as in TPU `nn_blocks`, follows
+    every norm (after its activation) and the shortcut, projected or not."""
 
     def __init__(self, in_channels: int, width: int, norm: NormFactory, activation: ActivationFactory,
-                 drop_rate: float = 0.0):
+                 drop_rate: float = 0.0, dropblock_keep_prob: float = 1.0, dropblock_size: int = 7):
         super().__init__()
         out = 4 * width
         self.conv1, self.bn1 = nn.Conv2d(in_channels, width, 1, bias=False), norm(width)
@@ -123,21 +162,23 @@ class Bottleneck(nn.Module):
             self.downsample = nn.Sequential(nn.Conv2d(in_channels, out, 1, bias=False), norm(out))
         self.act = activation()
         self.drop_rate = drop_rate
+        self.dropblock = DropBlock(dropblock_keep_prob, dropblock_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        y = self.act(self.bn1(self.conv1(x)))
-        y = self.act(self.bn2(self.conv2(y)))
-        y = drop_connect(self.bn3(self.conv3(y)), self.drop_rate, self.training)
+        shortcut = self.dropblock(x if self.downsample is None else self.downsample(x))
+        y = self.dropblock(self.act(self.bn1(self.conv1(x))))
+        y = self.dropblock(self.act(self.bn2(self.conv2(y))))
+        y = drop_connect(self.dropblock(self.bn3(self.conv3(y))), self.drop_rate, self.training)
         return self.act(y + shortcut)
 
 
 class Residual(nn.Module):
     """Two 3x3 convs with norms (activation after the first), stochastic depth, shortcut sum, activation (TPU
-    `residual_block` at stride 1); the shortcut projects only when the input width differs."""
+    `residual_block` at stride 1); the shortcut projects only when the input width differs. DropBlock as in
+    `Bottleneck`."""
 
     def __init__(self, in_channels: int, width: int, norm: NormFactory, activation: ActivationFactory,
-                 drop_rate: float = 0.0):
+                 drop_rate: float = 0.0, dropblock_keep_prob: float = 1.0, dropblock_size: int = 7):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False), norm(width)
         self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1, bias=False), norm(width)
@@ -146,21 +187,24 @@ class Residual(nn.Module):
             self.downsample = nn.Sequential(nn.Conv2d(in_channels, width, 1, bias=False), norm(width))
         self.act = activation()
         self.drop_rate = drop_rate
+        self.dropblock = DropBlock(dropblock_keep_prob, dropblock_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
-        y = self.act(self.bn1(self.conv1(x)))
-        y = drop_connect(self.bn2(self.conv2(y)), self.drop_rate, self.training)
+        shortcut = self.dropblock(x if self.downsample is None else self.downsample(x))
+        y = self.dropblock(self.act(self.bn1(self.conv1(x))))
+        y = drop_connect(self.dropblock(self.bn2(self.conv2(y))), self.drop_rate, self.training)
         return self.act(y + shortcut)
 
 
 def block_group(kind: str, in_channels: int, width: int, repeats: int, norm: NormFactory,
-                activation: ActivationFactory, drop_rate: float = 0.0) -> nn.Sequential:
-    """`repeats` blocks of one kind; only the first may project its shortcut, all share the drop rate."""
+                activation: ActivationFactory, drop_rate: float = 0.0, dropblock_keep_prob: float = 1.0,
+                dropblock_size: int = 7) -> nn.Sequential:
+    """`repeats` blocks of one kind; only the first may project its shortcut, all share the drop rate and
+    DropBlock settings."""
     block = Bottleneck if kind == "bottleneck" else Residual
     out = width * EXPANSION[kind]
-    return nn.Sequential(*(block(in_channels if i == 0 else out, width, norm, activation, drop_rate)
-                           for i in range(repeats)))
+    return nn.Sequential(*(block(in_channels if i == 0 else out, width, norm, activation, drop_rate,
+                                 dropblock_keep_prob, dropblock_size) for i in range(repeats)))
 
 
 class Resample(nn.Module):
@@ -224,6 +268,9 @@ class SpineNet(nn.Module):
         activation: "swish" (SiLU) or "relu", everywhere in the trunk.
         drop_connect_rate: stochastic depth of scale-permuted block group i (0-based) of N is
             rate * (i + 1) / N; the stem has none. 0 turns it off.
+        dropblock_keep_prob, dropblock_size: DropBlock in every block of every group, stem included, after each
+            norm and on the shortcut (TPU `nn_blocks`; the TPU SpineNet wires it so but hard-codes it off).
+            Not in the resampling or output convs. keep_prob 1 turns it off.
         block_specs: the architecture (default: the published one).
 
     Convolutions have no bias and start from TF's default VarianceScaling (truncated normal, fan-in); norms start
@@ -232,7 +279,8 @@ class SpineNet(nn.Module):
 
     def __init__(self, model_id: str = "49", *, norm: str = "BN", norm_momentum: float = 0.01,
                  norm_eps: float = 1e-3, activation: Literal["swish", "relu"] = "swish",
-                 drop_connect_rate: float = 0.0, block_specs: Sequence[BlockSpec] = BLOCK_SPECS):
+                 drop_connect_rate: float = 0.0, dropblock_keep_prob: float = 1.0, dropblock_size: int = 7,
+                 block_specs: Sequence[BlockSpec] = BLOCK_SPECS):
         super().__init__()
         if model_id not in SCALING:
             raise ValueError(f"unknown SpineNet model_id {model_id!r}; choose one of {list(SCALING)}")
@@ -250,6 +298,7 @@ class SpineNet(nn.Module):
                                  "needs multiples of 32 (49, 96 and 143 fit); use BN or SyncBN")
             return make_norm(norm, num_channels, momentum=norm_momentum, eps=norm_eps)
 
+        dropblock = dict(dropblock_keep_prob=dropblock_keep_prob, dropblock_size=dropblock_size)
         act_fn = nn.SiLU if activation == "swish" else nn.ReLU
         self.act = act_fn()
 
@@ -258,7 +307,7 @@ class SpineNet(nn.Module):
         stem_out = 4 * widths[2]
         self.stem_groups = nn.ModuleList(
             block_group("bottleneck", STEM_CHANNELS if i == 0 else stem_out, widths[2], scaling.block_repeats,
-                        norm_fn, act_fn) for i in range(2))
+                        norm_fn, act_fn, **dropblock) for i in range(2))
         levels, kinds, channels, uses = [2, 2], ["bottleneck"] * 2, [stem_out] * 2, [0, 0]
 
         self.resamples, self.blocks = nn.ModuleList(), nn.ModuleList()
@@ -284,7 +333,7 @@ class SpineNet(nn.Module):
             self.merges.append(merged)
             rate = drop_connect_rate * (i + 1) / len(self.block_specs)
             self.blocks.append(block_group(spec.block, in_channels, width, scaling.block_repeats, norm_fn, act_fn,
-                                           rate))
+                                           rate, **dropblock))
             levels.append(spec.level)
             kinds.append(spec.block)
             channels.append(in_channels)
