@@ -229,10 +229,13 @@ def generate_proposals(logits_per_level: Sequence[Tensor], deltas_per_level: Seq
             logits = logits.masked_fill(~box_scale_in_range(every, valid_ranges.to(every)[:, None, :]), float("-inf"))
         k = min(pre_nms_topk, logits.shape[1])
         top_logits, top_idxs = logits.topk(k, dim=1)  # (N, k)
-        # (N, A_l, 4) gathered at (N, k) -> (N, k, 4)
-        top_deltas = deltas.detach().gather(1, top_idxs[..., None].expand(n, k, 4))
-        # (N*k, 4) decoded against their anchors -> (N, k, 4)
-        boxes = box_coder.decode(top_deltas.reshape(-1, 4), anchors[top_idxs.reshape(-1)]).view(n, k, 4)
+        if valid_ranges is not None:  # every anchor is decoded already: (N, A_l, 4) gathered at (N, k)
+            boxes = every.gather(1, top_idxs[..., None].expand(n, k, 4))
+        else:
+            # (N, A_l, 4) gathered at (N, k) -> (N, k, 4)
+            top_deltas = deltas.detach().gather(1, top_idxs[..., None].expand(n, k, 4))
+            # (N*k, 4) decoded against their anchors -> (N, k, 4)
+            boxes = box_coder.decode(top_deltas.reshape(-1, 4), anchors[top_idxs.reshape(-1)]).view(n, k, 4)
         all_boxes.append(boxes)
         all_scores.append(top_logits)
         # NMS groups: boxes of different images or levels never suppress each other

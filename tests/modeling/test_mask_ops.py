@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
+from reference_ops import slow_roi_align
 
 from detkit.modeling.mask_ops import (crop_and_resize_bitmaps, mask_targets, mask_targets_per_image,
                                       masks_to_rle, paste_masks, rasterize_polygons_in_boxes)
@@ -47,46 +48,6 @@ def _reference_crop(full: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
             y = int(math.floor(y0 + (i + 0.5) * (y1 - y0) / size))
             if 0 <= y < full.shape[0] and 0 <= x < full.shape[1]:
                 out[i, j] = full[y, x]
-    return out
-
-
-def _reference_roi_align(bitmap: np.ndarray, box: np.ndarray, size: int) -> np.ndarray:
-    """Slow, literal roi_align(aligned=True, sampling_ratio=0) of one (H, W) bitmap, sample by sample."""
-    height, width = bitmap.shape
-
-    def bilinear(y: float, x: float) -> float:
-        if y < -1.0 or y > height or x < -1.0 or x > width:
-            return 0.0
-        y, x = max(y, 0.0), max(x, 0.0)
-        y_low, x_low = int(y), int(x)
-        if y_low >= height - 1:
-            y_low = y_high = height - 1
-            y = float(y_low)
-        else:
-            y_high = y_low + 1
-        if x_low >= width - 1:
-            x_low = x_high = width - 1
-            x = float(x_low)
-        else:
-            x_high = x_low + 1
-        ly, lx = y - y_low, x - x_low
-        return ((1 - ly) * (1 - lx) * bitmap[y_low, x_low] + (1 - ly) * lx * bitmap[y_low, x_high]
-                + ly * (1 - lx) * bitmap[y_high, x_low] + ly * lx * bitmap[y_high, x_high])
-
-    x0, y0, x1, y1 = (float(v) for v in box)
-    roi_w, roi_h = x1 - x0, y1 - y0
-    bin_w, bin_h = roi_w / size, roi_h / size
-    grid_w, grid_h = math.ceil(roi_w / size), math.ceil(roi_h / size)
-    out = np.zeros((size, size))
-    for i in range(size):
-        for j in range(size):
-            total = 0.0
-            for a in range(grid_h):
-                y = y0 - 0.5 + i * bin_h + (a + 0.5) * bin_h / grid_h
-                for b in range(grid_w):
-                    x = x0 - 0.5 + j * bin_w + (b + 0.5) * bin_w / grid_w
-                    total += bilinear(y, x)
-            out[i, j] = total / max(grid_h * grid_w, 1)
     return out
 
 
@@ -140,7 +101,10 @@ def test_bitmap_crop_matches_literal_roi_align():
     soft = crop_and_resize_bitmaps(torch.from_numpy(bitmaps), torch.from_numpy(which),
                                    torch.tensor(boxes, dtype=torch.float32), 7)
     for got, b, box in zip(soft.numpy(), which, boxes):
-        np.testing.assert_allclose(got, _reference_roi_align(bitmaps[b].astype(np.float64), box, 7), atol=1e-5)
+        # the slow reference of roi_align(aligned=True, sampling_ratio=0) on that one bitmap
+        reference = slow_roi_align(torch.from_numpy(bitmaps[b].astype(np.float64))[None, None],
+                                   torch.tensor([[0.0, *box]]), (7, 7), 1.0, 0, True)[0, 0]
+        np.testing.assert_allclose(got, reference.numpy(), atol=1e-5)
 
 
 def test_bitmap_crop_chunked_equals_unchunked(monkeypatch):

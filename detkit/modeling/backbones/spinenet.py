@@ -144,6 +144,13 @@ def max_pool2d_same(x: Tensor, kernel_size: int, stride: int) -> Tensor:
     return F.max_pool2d(F.pad(x, pads, value=float("-inf")), kernel_size, stride)
 
 
+def _projection(in_channels: int, out_channels: int, norm: NormFactory) -> nn.Module | None:
+    """The shortcut of a stride-1 block: a 1x1 conv + norm when the width changes, else None (identity)."""
+    if in_channels == out_channels:
+        return None
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), norm(out_channels))
+
+
 class Bottleneck(nn.Module):
     """1x1 -> 3x3 -> 1x1 (4 x width) convs, each with a norm, the first two with the activation; stochastic depth
     on the branch, the shortcut sum, the activation (TPU `bottleneck_block` at stride 1). The shortcut projects
@@ -157,9 +164,7 @@ class Bottleneck(nn.Module):
         self.conv1, self.bn1 = nn.Conv2d(in_channels, width, 1, bias=False), norm(width)
         self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1, bias=False), norm(width)
         self.conv3, self.bn3 = nn.Conv2d(width, out, 1, bias=False), norm(out)
-        self.downsample = None
-        if in_channels != out:
-            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out, 1, bias=False), norm(out))
+        self.downsample = _projection(in_channels, out, norm)
         self.act = activation()
         self.drop_rate = drop_rate
         self.dropblock = DropBlock(dropblock_keep_prob, dropblock_size)
@@ -182,9 +187,7 @@ class Residual(nn.Module):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False), norm(width)
         self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1, bias=False), norm(width)
-        self.downsample = None
-        if in_channels != width:
-            self.downsample = nn.Sequential(nn.Conv2d(in_channels, width, 1, bias=False), norm(width))
+        self.downsample = _projection(in_channels, width, norm)
         self.act = activation()
         self.drop_rate = drop_rate
         self.dropblock = DropBlock(dropblock_keep_prob, dropblock_size)
