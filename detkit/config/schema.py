@@ -438,14 +438,33 @@ class DataConfig:
     min_box_size: float = 1.0  # boxes narrower or shorter than this many pixels (after clipping) are dropped
     on_invalid: Literal["drop", "error"] = "drop"  # what the reader does with invalid records
     max_image_pixels: int = 178_956_970  # decoding refuses larger images (decompression bombs)
+    # training stops when more than this fraction of the training images cannot be decoded
+    max_unreadable_fraction: float = 0.05
 
     def __post_init__(self) -> None:
+        if not 0 <= self.max_unreadable_fraction <= 1:
+            raise ConfigError(f"data.max_unreadable_fraction must be in [0, 1], got {self.max_unreadable_fraction}")
         if self.batch_size <= 0 or self.test_batch_size <= 0:
             raise ConfigError("data.batch_size and data.test_batch_size must be > 0")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.max_image_pixels <= 0:
             raise ConfigError("data.max_image_pixels must be > 0")
+
+
+@dataclass
+class DivergenceConfig:
+    """What training does when steps stop being finite."""
+
+    max_bad_steps: int = 5  # consecutive non-finite steps before rolling back to the last good checkpoint; 0: never
+    max_rollbacks: int = 3  # rollbacks allowed before the run stops with an explanation
+    lr_factor: float = 1.0  # multiplies the learning rate at each rollback, e.g. 0.5
+
+    def __post_init__(self) -> None:
+        if self.max_bad_steps < 0 or self.max_rollbacks < 0:
+            raise ConfigError("solver.divergence.max_bad_steps and max_rollbacks must be >= 0")
+        if not 0 < self.lr_factor <= 1:
+            raise ConfigError(f"solver.divergence.lr_factor must be in (0, 1], got {self.lr_factor}")
 
 
 @dataclass
@@ -469,6 +488,7 @@ class SolverConfig:
     warmup_factor: float = 0.001
     clip_grad_norm: float = 0.0  # 0: off
     accumulate: int = 1  # gradient accumulation steps per optimiser step
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
 
     def __post_init__(self) -> None:
         if self.base_lr <= 0 or self.max_length <= 0 or self.reference_batch_size <= 0 or self.accumulate <= 0:
@@ -494,7 +514,19 @@ class RuntimeConfig:
     output_dir: str = "runs/default"
     log_period: int = 20
     checkpoint_period: int = 5000
+    keep_checkpoints: int = 3  # numbered checkpoints kept besides model_final.pth
     deterministic: bool = False
+    # distributed training (torchrun): see engine/distributed.py
+    sync_bn: bool = False  # convert BatchNorm layers to SyncBatchNorm (CUDA only)
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    dist_timeout_s: int = 1800  # a collective waiting longer than this fails the run instead of hanging
+    find_unused_parameters: bool = False  # DDP option for models with parameters some steps do not use
+
+    def __post_init__(self) -> None:
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"runtime.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.dist_timeout_s <= 0:
+            raise ConfigError("runtime.dist_timeout_s must be > 0")
 
 
 @dataclass
