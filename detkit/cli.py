@@ -147,8 +147,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     if args.output_dir:
         cfg.runtime.output_dir = args.output_dir
-    trainer = Trainer(cfg, resume=args.resume or False, progress=not args.no_progress)
+    trainer = Trainer(cfg, resume=args.resume or False, progress=not args.no_progress,
+                      allow_changes=args.allow_changes)
     result = trainer.train()
+    if "stopped" in result:
+        print(f"stopped by {result['stopped']} at iteration {result['iteration']}; saved {result['checkpoint']}. "
+              "Continue with the same command and --resume.")
+        return 0
     for iou_type, r in result.get("evaluations", {}).items():
         print(f"Evaluate annotation type *{iou_type}*")
         print(r.summary, end="")
@@ -342,6 +347,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
     result = trainer.train()
+    if "stopped" in result:
+        print(f"demo stopped by {result['stopped']} at iteration {result['iteration']}; continue it with "
+              "`detkit demo --resume`")
+        return 0
     ap = float("nan")
     for iou_type, r in result.get("evaluations", {}).items():
         print(f"Evaluate annotation type *{iou_type}*")
@@ -373,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. solver.base_lr=0.02")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue from the run folder's last checkpoint (or from CHECKPOINT)")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue even if the config or training set differ from the checkpoint's")
     p.add_argument("--output-dir", help="run folder (default: runtime.output_dir)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.set_defaults(func=cmd_train)
@@ -450,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .data.coco import DatasetError
     from .engine.checkpoint import CheckpointError
+    from .engine.divergence import DivergenceError
     from .modeling.weights import WeightsError
 
     try:
@@ -460,6 +472,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, DatasetError, WeightsError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except DivergenceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         sys.stderr.close()
         return 0

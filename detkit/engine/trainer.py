@@ -6,22 +6,73 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from .. import __version__
-from ..config import Config, dump_yaml, to_dict
+from ..config import Config, ConfigError, dump_yaml, to_dict
+from ..data.fingerprint import dataset_fingerprint
 from ..data.loader import build_dataset, build_test_loader, build_train_loader
 from ..modeling.build import build_model
-from .checkpoint import find_last_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (DISK_FULL, CheckpointError, load_checkpoint, load_latest_good, non_finite_tensors,
+                         remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
+from .divergence import DivergenceError, DivergenceGuard, classify_step
 from .inference import autocast, evaluate_model
+from .signals import StopRequest
 from .metrics import MetricMeter, MetricsWriter, plot_loss_curve
 from .optim import build_optimizer
 from .schedule import build_scheduler, iterations, scaled_lr
 
 logger = logging.getLogger("detkit.train")
+
+# Config keys that may change between a run and its resumption without changing what it computes.
+RESUME_SAFE_KEYS = ("name", "runtime.output_dir", "runtime.log_period", "runtime.checkpoint_period",
+                    "runtime.keep_checkpoints", "runtime.device", "runtime.dist_timeout_s", "data.num_workers",
+                    "data.train.", "data.val.", "data.test_transform.", "data.test_batch_size",
+                    "data.max_unreadable_fraction", "solver.divergence.", "eval.")
+MAX_FAILED_SAVES = 3  # consecutive periodic saves that may fail (e.g. a full disk) before the run stops
+
+
+class ResumeMismatchError(ConfigError):
+    """The run being resumed is not the run that wrote the checkpoint: its config or training set differ."""
+
+
+class NonFiniteStateError(CheckpointError):
+    """The model or optimiser holds NaN or inf: such a state is never written to a checkpoint."""
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and tuples are leaves (compared as lists)."""
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: _plain(tree)}
+
+
+def config_differences(old: dict, new: dict, ignore: tuple[str, ...] = RESUME_SAFE_KEYS) -> list[str]:
+    """One line per config key whose value differs, `key: old in the checkpoint, new now`, skipping keys that
+    start with one of `ignore` (a trailing dot means a whole section)."""
+    a, b = _flatten(old), _flatten(new)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == i or (i.endswith(".") and key.startswith(i)) for i in ignore):
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            lines.append(f"{key}: {a.get(key, '<absent>')!r} in the checkpoint, {b.get(key, '<absent>')!r} now")
+    return lines
 
 
 def _duration(seconds: float) -> str:
@@ -73,15 +124,21 @@ class Trainer:
 
     Args:
         cfg: the resolved config.
-        resume: continue from the last checkpoint in cfg.runtime.output_dir (or from this checkpoint path).
+        resume: continue from the last good checkpoint in cfg.runtime.output_dir, falling back past damaged ones
+            (True), or from this checkpoint file.
         progress: show a live progress bar.
+        allow_changes: resume even when the config, training set or batch layout differ from the checkpoint's
+            (each difference is logged as a warning instead of raising `ResumeMismatchError`).
     """
 
-    def __init__(self, cfg: Config, *, resume: bool | str = False, progress: bool = True):
-        self.cfg, self.progress = cfg, progress
+    def __init__(self, cfg: Config, *, resume: bool | str = False, progress: bool = True,
+                 allow_changes: bool = False):
+        self.cfg, self.progress, self.allow_changes = cfg, progress, allow_changes
         rt, solver, data = cfg.runtime, cfg.solver, cfg.data
         self.out = Path(rt.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        for path in remove_stale_temporaries(self.out):
+            logger.info("removed %s, left behind by an interrupted save", path.name)
         self.device = resolve_device(rt.device)
         seed_everything(rt.seed, rt.deterministic)
 
@@ -99,6 +156,8 @@ class Trainer:
                              f"{num_classes} categories")
         coco = self.train_set.coco
         self.categories = [{"id": int(i), "name": str(n)} for i, n in zip(coco.category_ids, coco.category_names)]
+        self.dataset_info = dataset_fingerprint(coco, filter_empty=data.filter_empty, min_box_size=data.min_box_size,
+                                                load_masks=data.load_masks)
         self.model = build_model(cfg.model, num_classes).to(self.device)
         if rt.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -119,14 +178,32 @@ class Trainer:
         self.lr = scaled_lr(solver.base_lr, self.total_batch, solver.reference_batch_size)
         self.optimizer = build_optimizer(self.model, solver, self.lr)
         self.scheduler = build_scheduler(self.optimizer, solver, self.iters_per_epoch)
+        self._base_lrs = list(self.scheduler.base_lrs)  # before any rollback's lowering
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=rt.amp == "fp16")
         self.iteration, self.best_metric, self.skipped_steps = 0, None, 0
+        # optimiser steps' worth of batches taken from the data stream: the iteration, until a rollback rewinds
+        # the iteration but lets the data move on past the batches that diverged
+        self.data_position = 0
+        self.guard = DivergenceGuard(solver.divergence)
+        self._failed_saves = 0
+        self._step_kind = "ok"
 
-        checkpoint = find_last_checkpoint(self.out) if resume is True else (Path(resume) if resume else None)
-        if resume and checkpoint is None:
-            logger.info("nothing to resume in %s: starting from scratch", self.out)
-        if checkpoint is not None:
-            self._resume(checkpoint)
+        checkpoint = None
+        if resume is True:
+            try:
+                checkpoint, state, rejected = load_latest_good(self.out)
+            except CheckpointError as e:
+                if "no checkpoint in" not in str(e):
+                    raise
+                logger.info("nothing to resume in %s: starting from scratch", self.out)
+            else:
+                for path, reason in rejected:
+                    logger.warning("cannot resume from %s (%s); falling back to %s", path.name, reason,
+                                   checkpoint.name)
+                self._resume(checkpoint, state)
+        elif resume:
+            checkpoint = Path(resume)
+            self._resume(checkpoint, load_checkpoint(checkpoint))
         self.writer = MetricsWriter(self.out)
         # a resumed run continues its metrics; a fresh run in an old folder starts them anew
         self.writer.truncate_after(self.iteration if checkpoint is not None else -1)
@@ -134,29 +211,122 @@ class Trainer:
         self._val = None
 
     # -- checkpoints ---------------------------------------------------------------------------------------
+    @property
+    def step_batch(self) -> int:
+        """Images one optimiser step takes from the data stream."""
+        return self.total_batch
+
     def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue bit for bit, in plain values and tensors only."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "iteration": self.iteration, "best_metric": self.best_metric, "skipped_steps": self.skipped_steps,
                 "rng": rng_state(), "config": to_dict(self.cfg), "detkit_version": __version__,
-                "categories": self.categories}
+                "categories": self.categories,
+                "data": {"scheme": 2, "seed": self.cfg.runtime.seed, "step_batch": self.step_batch,
+                         "steps_consumed": self.data_position},
+                "dataset": dict(self.dataset_info), "world_size": 1,
+                "rollbacks": self.guard.rollbacks, "lr_scale": self.guard.lr_scale}
 
     def save(self, name: str | None = None) -> Path:
+        """Write a checkpoint (default `model_{iteration}.pth`) and its checksum, keeping the last K.
+
+        Raises:
+            NonFiniteStateError: a weight or optimiser value is NaN or inf; nothing is written.
+            OSError: the write failed; the previous checkpoint is intact.
+        """
         path = self.out / (name or f"model_{self.iteration:07d}.pth")
-        save_checkpoint(path, self.state_dict(), keep_last=3)
+        state = self.state_dict()
+        bad = non_finite_tensors(state)
+        if bad:
+            raise NonFiniteStateError(f"refusing to save {path.name}: non-finite values in "
+                                      f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+        save_checkpoint(path, state, keep_last=self.cfg.runtime.keep_checkpoints)
         return path
 
-    def _resume(self, path: Path) -> None:
-        state = load_checkpoint(path)
+    def _save_periodic(self) -> None:
+        """A periodic save: a full disk is survived (the previous checkpoint stays) until it fails repeatedly."""
+        try:
+            self.save()
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            self._failed_saves += 1
+            logger.error("iteration %d: cannot write a checkpoint (%s); the previous one is intact. Training goes on "
+                         "and retries at the next period (%d/%d failures).", self.iteration, e.strerror or e,
+                         self._failed_saves, MAX_FAILED_SAVES)
+            if self._failed_saves >= MAX_FAILED_SAVES:
+                raise OSError(e.errno, f"{MAX_FAILED_SAVES} checkpoint saves in a row failed ({e.strerror}); "
+                              f"free space in {self.out} and resume with --resume") from e
+        else:
+            self._failed_saves = 0
+
+    def _load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
+        set_rng_state(state["rng"])
+
+    def _apply_lr_scale(self) -> None:
+        """The schedule's base LRs times the rollbacks' scale, applied to the current step too."""
+        scale = self.guard.lr_scale
+        self.scheduler.base_lrs = [b * scale for b in self._base_lrs]
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * factor(self.scheduler.last_epoch)
+
+    def _resume(self, path: Path, state: dict) -> None:
+        self._check_resume_compatibility(state, path)
+        self._load_state(state)
         self.best_metric = state.get("best_metric")
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        set_rng_state(state["rng"])
+        self.guard = DivergenceGuard(self.cfg.solver.divergence, int(state.get("rollbacks", 0)),
+                                     float(state.get("lr_scale", 1.0)))
+        if self.guard.lr_scale != 1.0:
+            self._apply_lr_scale()
+        data_state = state.get("data")
+        if data_state is None:  # written before detkit recorded the data position
+            self.data_position = self.iteration
+        else:
+            consumed = int(data_state["steps_consumed"])
+            old_batch = int(data_state["step_batch"])
+            # a changed batch layout (allowed with allow_changes) restarts the stream at the same image
+            self.data_position = consumed if old_batch == self.step_batch else consumed * old_batch // self.step_batch
         logger.info("resumed from %s at iteration %d", path, self.iteration)
+
+    def _check_resume_compatibility(self, state: dict, path: Path) -> None:
+        """Raise `ResumeMismatchError` (or warn, with allow_changes) when `state` comes from a different run."""
+        problems = []
+        if "config" in state:
+            changed = config_differences(state["config"], to_dict(self.cfg))
+            if changed:
+                problems.append("the config differs from the checkpoint's:\n  " + "\n  ".join(changed))
+        old = state.get("dataset")
+        new = self.dataset_info
+        if old is not None and old.get("fingerprint") != new["fingerprint"]:
+            problems.append(
+                f"the training set differs from the checkpoint's ({new['images']} images, {new['annotations']} "
+                f"annotations, fingerprint {new['fingerprint'][:12]} now; {old.get('images')} images, "
+                f"{old.get('annotations')} annotations, fingerprint {str(old.get('fingerprint'))[:12]} in the "
+                "checkpoint); resuming would not continue the same run")
+        data_state = state.get("data")
+        if data_state is not None and int(data_state["step_batch"]) != self.step_batch:
+            problems.append(f"one step takes {self.step_batch} images now but took {data_state['step_batch']} "
+                            "(batch size x accumulation x processes); the data stream cannot continue exactly")
+        version = state.get("detkit_version")
+        if version is not None and version != __version__:
+            logger.warning("%s was written by detkit %s; this is detkit %s", path.name, version, __version__)
+        if not problems:
+            return
+        if self.allow_changes:
+            for problem in problems:
+                logger.warning("resuming from %s anyway (--allow-changes): %s", path.name, problem)
+            return
+        raise ResumeMismatchError(f"cannot resume from {path}: " + "\n".join(problems)
+                                  + "\npass --allow-changes to resume anyway, or choose another output_dir")
 
     # -- evaluation ----------------------------------------------------------------------------------------
     def evaluate(self, out_dir: Path | None = None) -> dict:
@@ -181,10 +351,34 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------------
     def train(self) -> dict:
-        """Run to the end of the schedule; returns the final evaluation ({} when there is no val split)."""
+        """Run to the end of the schedule.
+
+        Returns:
+            The final evaluation ({} when there is no val split), or {"stopped": "SIGTERM" | "SIGUSR1",
+            "iteration": i, "checkpoint": path} when a signal stopped the run after saving.
+
+        Raises:
+            DivergenceError: the loss kept diverging (see `solver.divergence`).
+        """
+        with StopRequest() as stop:
+            stopped = self._loop(stop)
+        if stopped is not None:
+            return stopped
+        final_path = self.save("model_final.pth")
+        logger.info("saved %s", final_path)
+        result = {}
+        if self.cfg.data.val.annotations:
+            result = self.evaluate(self.out / "eval")
+            self._log_evaluation(result)
+        self.writer.close()
+        plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss_curve.png")
+        return result
+
+    def _loop(self, stop: StopRequest) -> dict | None:
+        """Steps until the end of the schedule (None) or a stop request (the stop's description)."""
         cfg, rt, solver = self.cfg, self.cfg.runtime, self.cfg.solver
         loader = build_train_loader(self.train_set, cfg.data, seed=rt.seed,
-                                    start_iter=self.iteration * solver.accumulate,
+                                    accumulate=solver.accumulate, start_step=self.data_position,
                                     pin_memory=self.device.type == "cuda")
         data_iter = iter(loader)
         smoothed = MetricMeter(window=20)
@@ -199,11 +393,21 @@ class Trainer:
         self.model.train()
         last_log = time.perf_counter()
         images_since_log = 0
+        saved_at = None
         try:
             while self.iteration < self.max_iter:
                 step_start = time.perf_counter()
                 losses = self._step(data_iter)
                 self.iteration += 1
+                self.data_position += 1
+                action = self.guard.update(self._step_kind)
+                if action in ("rollback", "stop"):
+                    self._rollback(action)
+                    smoothed = MetricMeter(window=20)
+                    if bar is not None:
+                        bar.n = self.iteration
+                        bar.refresh()
+                    continue
                 images_since_log += self.total_batch
                 smoothed.update(losses)
                 if bar is not None and "loss" in smoothed.meters:
@@ -225,26 +429,69 @@ class Trainer:
                     last_log, images_since_log = now, 0
                 if rt.checkpoint_period and self.iteration % rt.checkpoint_period == 0 \
                         and self.iteration < self.max_iter:
-                    self.save()
+                    self._save_or_roll_back()
+                    saved_at = self.iteration
                 if cfg.eval.period and self.iteration % cfg.eval.period == 0 and self.iteration < self.max_iter \
                         and cfg.data.val.annotations:
                     values = self._log_evaluation(self.evaluate())
                     logger.info("iteration %d: bbox AP %.4f", self.iteration, values.get("bbox/AP", float("nan")))
+                if stop.signal_name is not None and self.iteration < self.max_iter:
+                    return self._stop(stop.signal_name, saved_at)
         finally:
             if bar is not None:
                 bar.close()
-        final_path = self.save("model_final.pth")
-        logger.info("saved %s", final_path)
-        result = {}
-        if cfg.data.val.annotations:
-            result = self.evaluate(self.out / "eval")
-            self._log_evaluation(result)
+        return None
+
+    def _stop(self, signal_name: str, saved_at: int | None) -> dict:
+        """Save (unless this iteration was just saved), close the logs, and describe the stop."""
+        path = self.out / f"model_{self.iteration:07d}.pth"
+        if saved_at != self.iteration or not path.is_file():
+            path = self.save()
         self.writer.close()
-        plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss_curve.png")
-        return result
+        logger.warning("stopped by %s at iteration %d/%d; checkpoint %s; continue with --resume", signal_name,
+                       self.iteration, self.max_iter, path.name)
+        return {"stopped": signal_name, "iteration": self.iteration, "checkpoint": str(path)}
+
+    def _save_or_roll_back(self) -> None:
+        try:
+            self._save_periodic()
+        except NonFiniteStateError as e:
+            # finite losses but non-finite weights (e.g. an overflow in a buffer): never saved, treated as divergence
+            logger.error("iteration %d: %s", self.iteration, e)
+            self._rollback("stop" if self.guard.rollbacks >= self.cfg.solver.divergence.max_rollbacks
+                           else "rollback")
+
+    def _rollback(self, action: str) -> None:
+        """Go back to the last good checkpoint (action "rollback") or stop with an explanation ("stop")."""
+        div = self.cfg.solver.divergence
+        bad_at = self.iteration
+        if action == "stop":
+            raise DivergenceError(
+                f"training diverged at iteration {bad_at}: {self.guard.consecutive} consecutive non-finite steps "
+                f"after {self.guard.rollbacks} rollbacks (solver.divergence.max_rollbacks: {div.max_rollbacks}). "
+                f"The last good checkpoint is in {self.out}; lower solver.base_lr, lengthen solver.warmup_iters or "
+                "set solver.clip_grad_norm, then resume with --resume")
+        try:
+            path, state, rejected = load_latest_good(self.out)
+        except CheckpointError as e:
+            raise DivergenceError(f"training diverged at iteration {bad_at}, before its first usable checkpoint "
+                                  f"({e}); lower solver.base_lr or lengthen solver.warmup_iters") from None
+        for bad_path, reason in rejected:
+            logger.warning("cannot roll back to %s (%s)", bad_path.name, reason)
+        self._load_state(state)
+        scale = self.guard.rolled_back()
+        self._apply_lr_scale()
+        self.writer.truncate_after(self.iteration)
+        logger.warning("iteration %d: %d consecutive non-finite steps; rolled back to %s (iteration %d), learning "
+                       "rate x%g (rollback %d of %d); the batches that diverged are not replayed", bad_at,
+                       div.max_bad_steps, path.name, self.iteration, scale, self.guard.rollbacks, div.max_rollbacks)
 
     def _step(self, data_iter) -> dict[str, float]:
-        """One optimiser step over `accumulate` batches; returns its losses as floats ({} when skipped)."""
+        """One optimiser step over `accumulate` batches; returns its losses as floats ({} when skipped).
+
+        Sets `self._step_kind` to "ok", "overflow" (fp16 gradients overflowed; the scaler recalibrates) or "bad"
+        (a non-finite loss or gradient: the step is skipped).
+        """
         solver, amp = self.cfg.solver, self.cfg.runtime.amp
         totals: dict[str, torch.Tensor] = {}
         for _ in range(solver.accumulate):
@@ -264,7 +511,9 @@ class Trainer:
         names = list(totals)
         # one host sync per step, for logging and the finiteness check
         values = dict(zip(names, torch.stack([torch.as_tensor(totals[k]).float() for k in names]).tolist()))
-        if math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"]):
+        self._step_kind = classify_step(math.isfinite(values["loss"]), math.isfinite(values["grad_norm"]),
+                                        self.scaler.is_enabled())
+        if self._step_kind == "ok":
             self.scaler.step(self.optimizer)
         else:
             # a non-finite loss or gradient must not reach the weights: skip the step and count it (with fp16 the

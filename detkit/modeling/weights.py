@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from ..utils.serialization import UnsafePickleError, torch_load_weights_only
+
 _CONTAINER_KEYS = ("model", "state_dict", "model_state")
 _BN_STATE = r"(?:weight|bias|running_mean|running_var|num_batches_tracked)"
 # detkit's ResNet names: v1 (torchvision's) and v2 (pre-activation: `bn_data`, `post_norm`, bare-conv shortcuts)
@@ -43,11 +45,12 @@ def read_weights_file(path: str | Path) -> Any:
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path), device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load_weights_only(path)
+    except UnsafePickleError as e:
+        what = f" ({e.what})" if e.what else ""
+        raise WeightsError(f"{path} contains Python objects{what} that detkit will not execute (loading them could "
+                           "run arbitrary code); convert the weights to .safetensors with a trusted tool") from None
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):
-            raise WeightsError(f"{path} contains Python objects that detkit will not execute (loading them could run "
-                               "arbitrary code); convert the weights to .safetensors with a trusted tool") from None
         raise WeightsError(f"{path} is not a readable weights file: {_first_line(e)}") from None
     except Exception as e:  # zip, EOF and safetensors header errors all mean a damaged file
         raise WeightsError(f"{path} is corrupt or truncated ({type(e).__name__}: {_first_line(e)})") from None
