@@ -5,26 +5,9 @@ import pytest
 import torch
 
 from detkit.cli import main
-from detkit.config import Config, dump_yaml, from_dict
+from detkit.config import dump_yaml
 from detkit.engine.trainer import Trainer
-
-
-def tiny_config(root, out, *, val=True, **solver):
-    data = {"train": {"annotations": str(root / "annotations/instances_train.json"), "images": str(root / "train")},
-            "val": {"annotations": str(root / "annotations/instances_val.json") if val else "",
-                    "images": str(root / "val")},
-            "train_transform": {"short_sizes": [96, 128], "max_size": 192, "flip_prob": 0.5},
-            "test_transform": {"short_sizes": [128], "max_size": 192},
-            "batch_size": 4, "num_workers": 0}
-    return from_dict(Config, {
-        "model": {"backbone": {"depth": 18, "norm": "BN", "freeze_at": 0},
-                  "fpn": {"out_channels": 32, "max_level": 6}, "anchors": {"base_size": 16},
-                  "retinanet": {"head_width": 32, "num_convs": 2, "head_norm": "BN"}},
-        "data": data,
-        "solver": {"base_lr": 0.02, "reference_batch_size": 4, "max_length": 6, "warmup_iters": 2,
-                   "steps": [4], "clip_grad_norm": 10.0, **solver},
-        "runtime": {"output_dir": str(out), "log_period": 1, "checkpoint_period": 3, "deterministic": True},
-        "eval": {"plots": False}})
+from run_configs import tiny_config
 
 
 def test_resume_after_a_crash_continues_the_same_run(synth_root, tmp_path, monkeypatch):

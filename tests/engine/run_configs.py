@@ -1,0 +1,32 @@
+"""Small training configs on the session's synthetic dataset, shared by the engine tests."""
+from detkit.config import Config, from_dict
+
+
+def tiny_config(root, out, *, val=True, **solver):
+    """A RetinaNet R18-FPN with a 32-wide head on 96-192 px images, batch 4, deterministic."""
+    data = {"train": {"annotations": str(root / "annotations/instances_train.json"), "images": str(root / "train")},
+            "val": {"annotations": str(root / "annotations/instances_val.json") if val else "",
+                    "images": str(root / "val")},
+            "train_transform": {"short_sizes": [96, 128], "max_size": 192, "flip_prob": 0.5},
+            "test_transform": {"short_sizes": [128], "max_size": 192},
+            "batch_size": 4, "num_workers": 0}
+    return from_dict(Config, {
+        "model": {"backbone": {"depth": 18, "norm": "BN", "freeze_at": 0},
+                  "fpn": {"out_channels": 32, "max_level": 6}, "anchors": {"base_size": 16},
+                  "retinanet": {"head_width": 32, "num_convs": 2, "head_norm": "BN"}},
+        "data": data,
+        "solver": {"base_lr": 0.02, "reference_batch_size": 4, "max_length": 6, "warmup_iters": 2,
+                   "steps": [4], "clip_grad_norm": 10.0, **solver},
+        "runtime": {"output_dir": str(out), "log_period": 1, "checkpoint_period": 3, "deterministic": True},
+        "eval": {"plots": False}})
+
+
+def fast_config(root, out, *, val=False, **solver):
+    """`tiny_config` with the whole trunk frozen (only the FPN and head train) and smaller images: fast steps
+    and checkpoints of a few MB, for tests that train and resume many times."""
+    cfg = tiny_config(root, out, val=val, **{"max_length": 8, "steps": [6], **solver})
+    cfg.model.backbone.freeze_at = 5
+    cfg.data.train_transform.short_sizes = (64, 96)
+    cfg.data.train_transform.max_size = 128
+    cfg.runtime.checkpoint_period = 2
+    return cfg
