@@ -141,15 +141,45 @@ def shipped_config(name: str) -> Path:
     return root / name
 
 
+def _launch_on_gpus(args: argparse.Namespace) -> int:
+    """`detkit train --gpus N`: replace this process by torchrun running N copies of the same command."""
+    import torch
+
+    from .engine.distributed import launch_command
+
+    if not torch.cuda.is_available():
+        print(f"error: --gpus needs CUDA; for CPU processes run: torchrun --nproc_per_node {args.gpus} -m detkit "
+              f"train {args.config} runtime.device=cpu", file=sys.stderr)
+        return 2
+    if args.gpus > torch.cuda.device_count():
+        print(f"error: --gpus {args.gpus} but this machine has {torch.cuda.device_count()} GPUs", file=sys.stderr)
+        return 2
+    command = launch_command(args.argv, args.gpus)
+    print("running:", " ".join(command), file=sys.stderr, flush=True)
+    os.execv(command[0], command)  # signals now reach torchrun directly, which forwards them to the ranks
+    return 0  # not reached
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from .engine.distributed import shutdown
     from .engine.trainer import Trainer
 
+    if args.gpus < 0:
+        print("error: --gpus must be >= 1", file=sys.stderr)
+        return 2
+    if args.gpus > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch_on_gpus(args)
     cfg = _load_config(args)
     if args.output_dir:
         cfg.runtime.output_dir = args.output_dir
-    trainer = Trainer(cfg, resume=args.resume or False, progress=not args.no_progress,
-                      allow_changes=args.allow_changes)
-    result = trainer.train()
+    try:
+        trainer = Trainer(cfg, resume=args.resume or False, progress=not args.no_progress,
+                          allow_changes=args.allow_changes)
+        result = trainer.train()
+    finally:
+        shutdown()
+    if not trainer.dist.is_main:
+        return 0
     if "stopped" in result:
         print(f"stopped by {result['stopped']} at iteration {result['iteration']}; saved {result['checkpoint']}. "
               "Continue with the same command and --resume.")
@@ -382,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. solver.base_lr=0.02")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue from the run folder's last checkpoint (or from CHECKPOINT)")
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="train on N GPUs of this machine (launches torchrun; for several nodes run torchrun "
+                        "yourself, see README)")
     p.add_argument("--allow-changes", action="store_true",
                    help="with --resume: continue even if the config or training set differ from the checkpoint's")
     p.add_argument("--output-dir", help="run folder (default: runtime.output_dir)")
@@ -456,7 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     from .config import ConfigError
 
     from .data.coco import DatasetError

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -87,14 +87,19 @@ def predict(model: nn.Module, loader, device: torch.device, amp: str = "none",
 
 def evaluate_model(model: nn.Module, dataset: DetectionDataset, loader, device: torch.device, *, amp: str = "none",
                    iou_types=("bbox",), out_dir: str | Path | None = None, plots: bool = True,
-                   progress: bool = True, category_ids: np.ndarray | None = None) -> dict:
-    """Detect on every image of `dataset`, evaluate with the COCO protocol, optionally save metrics/plots.
+                   progress: bool = True, category_ids: np.ndarray | None = None,
+                   gather: Callable[[list], list | None] | None = None) -> dict:
+    """Detect on every image of `dataset` (this rank's share of it, with several processes), evaluate with the COCO
+    protocol, optionally save metrics/plots.
 
-    `category_ids[k]` is the COCO id of output k (default: the dataset's sorted category ids).
+    Args:
+        category_ids: `category_ids[k]` is the COCO id of output k (default: the dataset's sorted category ids).
+        gather: with several processes, takes this rank's results and returns every rank's, concatenated, on the
+            main rank and None elsewhere; only the main rank evaluates and writes.
 
     Returns:
         {"results": COCO results list, "evaluations": {iou_type: EvalResult}, "seconds": float,
-         "images_per_second": float}
+         "images_per_second": float}; on other ranks "results" and "evaluations" are empty.
     """
     from ..evaluation.coco_eval import evaluate, save_evaluation
     from ..utils.fileio import write_json_atomic
@@ -112,6 +117,11 @@ def evaluate_model(model: nn.Module, dataset: DetectionDataset, loader, device: 
         results.extend(coco_results(to_original(detections, batch.metas, **paste), category_ids))
         num_images += len(batch)
     seconds = time.perf_counter() - start
+    if gather is not None:
+        results = gather(results)
+        if results is None:  # not the main rank
+            return {"results": [], "evaluations": {}, "seconds": seconds,
+                    "images_per_second": num_images / max(seconds, 1e-9)}
     evaluations = {t: evaluate(dataset.coco.annotation_file, results, t) for t in iou_types}
     if out_dir is not None:
         save_evaluation(evaluations, out_dir, plots=plots)

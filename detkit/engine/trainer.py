@@ -1,6 +1,7 @@
 """The training loop: data, model, optimiser, schedule, AMP, checkpoints, evaluation and logging, top to bottom."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -19,6 +20,7 @@ from ..data.loader import build_dataset, build_test_loader, build_train_loader
 from ..modeling.build import build_model
 from .checkpoint import (DISK_FULL, CheckpointError, load_checkpoint, load_latest_good, non_finite_tensors,
                          remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
+from .distributed import all_gather_objects, all_reduce_sum, broadcast_object, init_distributed, prepare_model
 from .divergence import DivergenceError, DivergenceGuard, classify_step
 from .inference import autocast, evaluate_model
 from .signals import StopRequest
@@ -34,6 +36,24 @@ RESUME_SAFE_KEYS = ("name", "runtime.output_dir", "runtime.log_period", "runtime
                     "data.train.", "data.val.", "data.test_transform.", "data.test_batch_size",
                     "data.max_unreadable_fraction", "solver.divergence.", "eval.")
 MAX_FAILED_SAVES = 3  # consecutive periodic saves that may fail (e.g. a full disk) before the run stops
+
+
+class _NullWriter:
+    """The metrics writer of ranks other than 0: they compute the same values but write nothing."""
+
+    def write(self, iteration: int, values: dict) -> None:
+        pass
+
+    def truncate_after(self, iteration: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def per_rank_seed(seed: int, rank: int) -> int:
+    """The torch seed of rank `rank` (> 0 ranks only draw different RPN samples, DropBlock masks, ...)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
 class ResumeMismatchError(ConfigError):
@@ -136,10 +156,19 @@ class Trainer:
         self.cfg, self.progress, self.allow_changes = cfg, progress, allow_changes
         rt, solver, data = cfg.runtime, cfg.solver, cfg.data
         self.out = Path(rt.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        for path in remove_stale_temporaries(self.out):
-            logger.info("removed %s, left behind by an interrupted save", path.name)
         self.device = resolve_device(rt.device)
+        # under torchrun: one process per GPU (or CPU process with gloo); rank 0 alone logs and writes files
+        self.dist = init_distributed(rt, self.device)
+        if self.dist.world_size > 1:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", self.dist.local_rank)
+            if not self.dist.is_main:
+                logging.getLogger("detkit").setLevel(logging.WARNING)
+                self.progress = False
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for path in remove_stale_temporaries(self.out):
+                logger.info("removed %s, left behind by an interrupted save", path.name)
         seed_everything(rt.seed, rt.deterministic)
 
         self.train_set = build_dataset(data, "train")
@@ -170,9 +199,18 @@ class Trainer:
                            "from scratch.", cfg.model.backbone.freeze_at)
         if cfg.model.weights:
             logger.info("model weights %s", load_model_weights(self.model, cfg.model.weights))
+        # every rank built the same weights (DDP also broadcasts rank 0's); from here on their random streams differ
+        if self.dist.world_size > 1:
+            torch.manual_seed(per_rank_seed(rt.seed, self.dist.rank))
+        # `self.model` is the detector itself; `self._train_model` the DDP wrapper the training steps call
+        self._train_model, self.model = prepare_model(self.model, self.dist, rt, self.device)
+        # RetinaNet's loss normaliser can span the whole step (all micro-batches and ranks): accumulation and DDP
+        # then give the same update as one big batch
+        self._step_normalized = ((solver.accumulate > 1 or self.dist.world_size > 1)
+                                 and hasattr(self.model, "step_normalizer"))
 
-        # one optimiser step sees batch_size x accumulate images (x ranks, with DDP)
-        self.total_batch = data.batch_size * solver.accumulate
+        # one optimiser step sees batch_size x accumulate images x ranks
+        self.total_batch = data.batch_size * solver.accumulate * self.dist.world_size
         self.iters_per_epoch = max(1, math.ceil(len(self.train_set) / self.total_batch))
         self.max_iter = iterations(solver.max_length, solver.unit, self.iters_per_epoch)
         self.lr = scaled_lr(solver.base_lr, self.total_batch, solver.reference_batch_size)
@@ -187,28 +225,50 @@ class Trainer:
         self.guard = DivergenceGuard(solver.divergence)
         self._failed_saves = 0
         self._step_kind = "ok"
+        self._stop_request: StopRequest | None = None
 
         checkpoint = None
         if resume is True:
-            try:
-                checkpoint, state, rejected = load_latest_good(self.out)
-            except CheckpointError as e:
-                if "no checkpoint in" not in str(e):
-                    raise
-                logger.info("nothing to resume in %s: starting from scratch", self.out)
-            else:
-                for path, reason in rejected:
-                    logger.warning("cannot resume from %s (%s); falling back to %s", path.name, reason,
-                                   checkpoint.name)
+            found = self._choose_checkpoint()
+            if found is not None:
+                checkpoint, state = found
                 self._resume(checkpoint, state)
         elif resume:
             checkpoint = Path(resume)
             self._resume(checkpoint, load_checkpoint(checkpoint))
-        self.writer = MetricsWriter(self.out)
+        self.writer = MetricsWriter(self.out) if self.dist.is_main else _NullWriter()
         # a resumed run continues its metrics; a fresh run in an old folder starts them anew
         self.writer.truncate_after(self.iteration if checkpoint is not None else -1)
-        dump_yaml(cfg, self.out / "config.yaml")
+        if self.dist.is_main:
+            dump_yaml(cfg, self.out / "config.yaml")
         self._val = None
+
+    def _choose_checkpoint(self) -> tuple[Path, dict] | None:
+        """The last good checkpoint of the run folder, chosen by rank 0 and loaded by every rank (the folder must
+        be shared by all nodes); None when there is none."""
+        choice: tuple[str, str] = ("none", "")
+        state = None
+        if self.dist.is_main:
+            try:
+                path, state, rejected = load_latest_good(self.out)
+            except CheckpointError as e:
+                choice = ("none", "") if "no checkpoint in" in str(e) else ("error", str(e))
+            else:
+                for bad, reason in rejected:
+                    logger.warning("cannot resume from %s (%s); falling back to %s", bad.name, reason, path.name)
+                choice = ("path", str(path))
+        kind, value = broadcast_object(choice)
+        if kind == "error":
+            raise CheckpointError(value)
+        if kind == "none":
+            logger.info("nothing to resume in %s: starting from scratch", self.out)
+            return None
+        if state is None:  # another rank: load the file rank 0 chose
+            if not Path(value).is_file():
+                raise CheckpointError(f"rank {self.dist.rank} cannot see {value}, which rank 0 resumes from: every "
+                                      "node must see the same run folder (a shared filesystem) to resume")
+            state = load_checkpoint(value)
+        return Path(value), state
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     @property
@@ -217,15 +277,17 @@ class Trainer:
         return self.total_batch
 
     def state_dict(self) -> dict:
-        """Everything a resumed run needs to continue bit for bit, in plain values and tensors only."""
+        """Everything a resumed run needs to continue bit for bit, in plain values and tensors only (a collective
+        with several processes: every rank's random streams are gathered)."""
+        rngs = all_gather_objects(rng_state())
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "iteration": self.iteration, "best_metric": self.best_metric, "skipped_steps": self.skipped_steps,
-                "rng": rng_state(), "config": to_dict(self.cfg), "detkit_version": __version__,
+                "rng": rngs[0], "rng_per_rank": rngs, "config": to_dict(self.cfg), "detkit_version": __version__,
                 "categories": self.categories,
                 "data": {"scheme": 2, "seed": self.cfg.runtime.seed, "step_batch": self.step_batch,
                          "steps_consumed": self.data_position},
-                "dataset": dict(self.dataset_info), "world_size": 1,
+                "dataset": dict(self.dataset_info), "world_size": self.dist.world_size,
                 "rollbacks": self.guard.rollbacks, "lr_scale": self.guard.lr_scale}
 
     def save(self, name: str | None = None) -> Path:
@@ -237,11 +299,19 @@ class Trainer:
         """
         path = self.out / (name or f"model_{self.iteration:07d}.pth")
         state = self.state_dict()
-        bad = non_finite_tensors(state)
-        if bad:
-            raise NonFiniteStateError(f"refusing to save {path.name}: non-finite values in "
-                                      f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
-        save_checkpoint(path, state, keep_last=self.cfg.runtime.keep_checkpoints)
+        failure = None
+        if self.dist.is_main:  # rank 0 writes; every rank then raises the same error, so all take the same path
+            bad = non_finite_tensors(state)
+            try:
+                if bad:
+                    raise NonFiniteStateError(f"refusing to save {path.name}: non-finite values in "
+                                              f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+                save_checkpoint(path, state, keep_last=self.cfg.runtime.keep_checkpoints)
+            except (NonFiniteStateError, OSError) as e:
+                failure = e
+        failure = broadcast_object(failure)
+        if failure is not None:
+            raise failure
         return path
 
     def _save_periodic(self) -> None:
@@ -267,7 +337,11 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.iteration = int(state["iteration"])
-        set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank")
+        if per_rank is not None and len(per_rank) == self.dist.world_size:
+            set_rng_state(per_rank[self.dist.rank])
+        else:  # another number of processes (allowed with allow_changes): rank 0's streams everywhere
+            set_rng_state(state["rng"])
 
     def _apply_lr_scale(self) -> None:
         """The schedule's base LRs times the rollbacks' scale, applied to the current step too."""
@@ -313,6 +387,9 @@ class Trainer:
                 f"{old.get('annotations')} annotations, fingerprint {str(old.get('fingerprint'))[:12]} in the "
                 "checkpoint); resuming would not continue the same run")
         data_state = state.get("data")
+        if state.get("world_size", 1) != self.dist.world_size:
+            problems.append(f"the run had {state.get('world_size', 1)} processes and now has "
+                            f"{self.dist.world_size}; per-process random streams cannot continue exactly")
         if data_state is not None and int(data_state["step_batch"]) != self.step_batch:
             problems.append(f"one step takes {self.step_batch} images now but took {data_state['step_batch']} "
                             "(batch size x accumulation x processes); the data stream cannot continue exactly")
@@ -330,13 +407,22 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------------------------
     def evaluate(self, out_dir: Path | None = None) -> dict:
+        """Evaluate on the val split, each rank on its share of the images; rank 0 gathers and scores."""
         if self._val is None:
             val_set = build_dataset(self.cfg.data, "val")
-            self._val = (val_set, build_test_loader(val_set, self.cfg.data, pin_memory=self.device.type == "cuda"))
+            self._val = (val_set, build_test_loader(val_set, self.cfg.data, rank=self.dist.rank,
+                                                    world_size=self.dist.world_size,
+                                                    pin_memory=self.device.type == "cuda"))
         val_set, loader = self._val
         return evaluate_model(self.model, val_set, loader, self.device, amp=self.cfg.runtime.amp,
-                              iou_types=self.cfg.eval.iou_types, out_dir=out_dir, plots=self.cfg.eval.plots,
-                              progress=self.progress)
+                              iou_types=self.cfg.eval.iou_types, out_dir=out_dir if self.dist.is_main else None,
+                              plots=self.cfg.eval.plots, progress=self.progress,
+                              gather=self._gather_results if self.dist.world_size > 1 else None)
+
+    def _gather_results(self, results: list) -> list | None:
+        """Every rank's detections, concatenated on rank 0 (None on the others)."""
+        every = all_gather_objects(results)
+        return [r for rank in every for r in rank] if self.dist.is_main else None
 
     def _log_evaluation(self, result: dict) -> dict[str, float]:
         values = {}
@@ -344,7 +430,7 @@ class Trainer:
             values.update({f"{iou_type}/{k}": v for k, v in r.metrics.items()})
         values["eval/images_per_second"] = result["images_per_second"]
         self.writer.write(self.iteration, values)
-        ap = values.get("bbox/AP")
+        ap = broadcast_object(values.get("bbox/AP"))  # only rank 0 scored: every rank keeps the same best metric
         if ap is not None and (self.best_metric is None or ap > self.best_metric):
             self.best_metric = ap
         return values
@@ -361,7 +447,11 @@ class Trainer:
             DivergenceError: the loss kept diverging (see `solver.divergence`).
         """
         with StopRequest() as stop:
-            stopped = self._loop(stop)
+            self._stop_request = stop
+            try:
+                stopped = self._loop(stop)
+            finally:
+                self._stop_request = None
         if stopped is not None:
             return stopped
         final_path = self.save("model_final.pth")
@@ -371,14 +461,16 @@ class Trainer:
             result = self.evaluate(self.out / "eval")
             self._log_evaluation(result)
         self.writer.close()
-        plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss_curve.png")
+        if self.dist.is_main:
+            plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss_curve.png")
         return result
 
     def _loop(self, stop: StopRequest) -> dict | None:
         """Steps until the end of the schedule (None) or a stop request (the stop's description)."""
         cfg, rt, solver = self.cfg, self.cfg.runtime, self.cfg.solver
-        loader = build_train_loader(self.train_set, cfg.data, seed=rt.seed,
-                                    accumulate=solver.accumulate, start_step=self.data_position,
+        loader = build_train_loader(self.train_set, cfg.data, seed=rt.seed, rank=self.dist.rank,
+                                    world_size=self.dist.world_size, accumulate=solver.accumulate,
+                                    start_step=self.data_position,
                                     pin_memory=self.device.type == "cuda")
         data_iter = iter(loader)
         smoothed = MetricMeter(window=20)
@@ -390,7 +482,7 @@ class Trainer:
         logger.info("training %s: %d iterations (%d per epoch) of %d images, lr %.4g, on %s",
                     cfg.name or "model", self.max_iter, self.iters_per_epoch, self.total_batch, self.lr,
                     self.device)
-        self.model.train()
+        self._train_model.train()
         last_log = time.perf_counter()
         images_since_log = 0
         saved_at = None
@@ -487,30 +579,75 @@ class Trainer:
                        div.max_bad_steps, path.name, self.iteration, scale, self.guard.rollbacks, div.max_rollbacks)
 
     def _step(self, data_iter) -> dict[str, float]:
-        """One optimiser step over `accumulate` batches; returns its losses as floats ({} when skipped).
+        """One optimiser step over `accumulate` micro-batches (on every rank); returns its losses as floats, averaged
+        over ranks ({} when skipped).
 
         Sets `self._step_kind` to "ok", "overflow" (fp16 gradients overflowed; the scaler recalibrates) or "bad"
-        (a non-finite loss or gradient: the step is skipped).
+        (a non-finite loss or gradient: the step is skipped). One all-reduce per step carries the losses and any
+        stop request, so every rank takes the same decisions.
         """
         solver, amp = self.cfg.solver, self.cfg.runtime.amp
-        totals: dict[str, torch.Tensor] = {}
-        for _ in range(solver.accumulate):
+        world, accumulate = self.dist.world_size, solver.accumulate
+        # with the step normaliser each micro-batch's loss is divided by an estimate and the gradients are rescaled
+        # to the whole step's normaliser once it is known
+        d_est = self.model.normalizer_estimate() if self._step_normalized else None
+        sums: dict[str, torch.Tensor] = {}  # loss terms x d_est (step normaliser), or means over micro-batches
+        num_fg, num_images = torch.zeros((), device=self.device), 0
+        for m in range(accumulate):
             batch = next(data_iter).to(self.device, non_blocking=True)
-            with autocast(self.device, amp):
-                losses = self.model(batch.images, batch.image_sizes, batch.targets, image_scales=batch.image_scales)
-            loss = sum(v for k, v in losses.items() if k.startswith("loss")) / solver.accumulate
-            self.scaler.scale(loss).backward()
-            for k, v in losses.items():
-                totals[k] = totals.get(k, 0) + v.detach().float() / solver.accumulate
-            totals["loss"] = totals.get("loss", 0) + loss.detach().float()
+            # DDP all-reduces gradients at the last micro-batch only
+            sync = contextlib.nullcontext() if world == 1 or m == accumulate - 1 else self._train_model.no_sync()
+            extra = {} if d_est is None else {"loss_normalizer": d_est}
+            with sync:
+                with autocast(self.device, amp):
+                    losses = self._train_model(batch.images, batch.image_sizes, batch.targets,
+                                               image_scales=batch.image_scales, **extra)
+                loss = sum(v for k, v in losses.items() if k.startswith("loss"))
+                if d_est is None:
+                    loss = loss / accumulate
+                self.scaler.scale(loss).backward()
+            if d_est is None:
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float() / accumulate
+                sums["loss"] = sums.get("loss", 0) + loss.detach().float()
+            else:
+                num_fg = num_fg + losses["num_fg_total"].float()
+                num_images += len(batch)
+                for k, v in losses.items():
+                    if k.startswith("loss"):
+                        sums[k] = sums.get(k, 0) + v.detach().float() * d_est
+                    elif k != "num_fg_total":
+                        sums[k] = sums.get(k, 0) + v.detach().float() / accumulate
+        names = list(sums)
+        stop = self._stop_request
+        stop_flags = [float(stop is not None and stop.signal_name == n) for n in ("SIGTERM", "SIGUSR1")]
+        packed = torch.stack([torch.as_tensor(sums[k], device=self.device).float() for k in names]
+                             + [num_fg.float(), torch.tensor(float(num_images), device=self.device),
+                                torch.tensor(stop_flags, device=self.device)[0],
+                                torch.tensor(stop_flags, device=self.device)[1]])
+        packed = all_reduce_sum(packed)  # no-op in one process
+        if d_est is None:
+            means = packed[:len(names)] / world
+        else:
+            d_true = self.model.step_normalizer(packed[len(names)], packed[len(names) + 1])
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            # DDP averaged the gradients over ranks; the step's loss is their sum over d_true
+            torch._foreach_mul_(grads, (d_est * world / d_true).to(grads[0].dtype))
+            is_loss = torch.tensor([k.startswith("loss") for k in names], device=self.device)
+            means = torch.where(is_loss, packed[:len(names)] / d_true, packed[:len(names)] / world)
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         # the global gradient norm (clipped to solver.clip_grad_norm when set) also tells a NaN gradient apart
         max_norm = solver.clip_grad_norm if solver.clip_grad_norm > 0 else float("inf")
-        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        names = list(totals)
-        # one host sync per step, for logging and the finiteness check
-        values = dict(zip(names, torch.stack([torch.as_tensor(totals[k]).float() for k in names]).tolist()))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        # one host sync per step, for logging, the finiteness check and stop requests
+        numbers = torch.cat([means, packed[-2:], grad_norm.reshape(1).float()]).tolist()
+        values = dict(zip(names, numbers[:len(names)]))
+        if d_est is not None:
+            values["loss"] = sum(v for k, v in values.items() if k.startswith("loss"))
+        values["grad_norm"] = numbers[-1]
+        if stop is not None and stop.signal_name is None and (numbers[-3] or numbers[-2]):
+            stop.request("SIGUSR1" if numbers[-2] else "SIGTERM")  # another rank was signalled
         self._step_kind = classify_step(math.isfinite(values["loss"]), math.isfinite(values["grad_norm"]),
                                         self.scaler.is_enabled())
         if self._step_kind == "ok":

@@ -30,3 +30,17 @@ def fast_config(root, out, *, val=False, **solver):
     cfg.data.train_transform.max_size = 128
     cfg.runtime.checkpoint_period = 2
     return cfg
+
+
+def exact_config(root, out, *, val=False, **solver):
+    """A config whose update does not depend on how a step's images are split (over micro-batches or processes):
+    GroupNorm instead of batch statistics, and every image padded to the same 128x128 square."""
+    cfg = tiny_config(root, out, val=val, **{"max_length": 2, "steps": [100], "warmup_iters": 0, **solver})
+    cfg.model.backbone.norm = "GN"
+    cfg.model.retinanet.head_norm = ""
+    transform = cfg.data.train_transform
+    transform.mode, transform.output_size, transform.scale_range, transform.flip_prob = \
+        "scale_jitter", 128, (0.8, 1.2), 0.5
+    cfg.data.test_transform.mode, cfg.data.test_transform.output_size = "scale_jitter", 128
+    cfg.runtime.checkpoint_period = 1000
+    return cfg
