@@ -148,16 +148,21 @@ class RetinaNet(nn.Module):
         self.register_buffer("loss_normalizer", torch.tensor(100.0))
 
     def forward(self, images: Tensor, image_sizes: Tensor, targets: list | None = None, *,
-                image_scales: Tensor | None = None) -> dict[str, Tensor] | list[Detections]:
+                image_scales: Tensor | None = None,
+                loss_normalizer: Tensor | None = None) -> dict[str, Tensor] | list[Detections]:
         """Args:
             images: (N, 3, H, W) uint8 RGB batch, zero-padded bottom/right.
             image_sizes: (N, 2) (height, width) before padding.
             targets: in training, per image an object with `boxes`, `labels`, `ignore_boxes` (loader Targets).
             image_scales: unused (RetinaNet does not depend on the original image size); accepted so that every
                 detector takes the same batch fields.
+            loss_normalizer: scalar; when given, both losses are divided by it instead of this batch's own
+                normaliser and the EMA is left alone: the step normaliser of accumulation and DDP (see
+                `step_normalizer`).
 
         Returns:
-            training: {"loss_cls", "loss_box"}; eval: one `Detections` per image in network-input pixels.
+            training: {"loss_cls", "loss_box", "num_fg"} (+ "num_fg_total" with `loss_normalizer`); eval: one
+            `Detections` per image in network-input pixels.
         """
         if self.training and targets is None:
             raise ValueError("RetinaNet needs targets in training mode")
@@ -175,7 +180,7 @@ class RetinaNet(nn.Module):
         k = self.num_classes
         if self.training:
             return self.losses(flatten_predictions(logits_per_level, k), flatten_predictions(deltas_per_level, 4),
-                               torch.cat(anchors_per_level), targets)
+                               torch.cat(anchors_per_level), targets, loss_normalizer)
         cfg = self.cfg
         with record_function("detkit.postprocess"):
             return postprocess([flatten_predictions([x], k) for x in logits_per_level],
@@ -184,14 +189,17 @@ class RetinaNet(nn.Module):
                                topk_per_level=cfg.topk_per_level, nms_threshold=cfg.nms_threshold,
                                max_detections=cfg.max_detections)
 
-    def losses(self, pred_logits: Tensor, pred_deltas: Tensor, anchors: Tensor, targets: list) -> dict[str, Tensor]:
+    def losses(self, pred_logits: Tensor, pred_deltas: Tensor, anchors: Tensor, targets: list,
+               loss_normalizer: Tensor | None = None) -> dict[str, Tensor]:
         with record_function("detkit.assign_targets"):
             gt_classes, matched_boxes = assign_targets(
                 anchors, [t.boxes for t in targets], [t.labels for t in targets], [t.ignore_boxes for t in targets],
                 self.matcher, self.num_classes, self.cfg.crowd_ioa)
         num_fg = ((gt_classes >= 0) & (gt_classes < self.num_classes)).sum().float()
         kind = self.cfg.normalizer
-        if kind == "ema":
+        if loss_normalizer is not None:
+            normalizer = loss_normalizer.detach().to(num_fg)
+        elif kind == "ema":
             with torch.no_grad():
                 m = self.cfg.ema_momentum
                 self.loss_normalizer.mul_(m).add_((1 - m) * num_fg.clamp(min=1))
@@ -206,4 +214,42 @@ class RetinaNet(nn.Module):
             losses = retinanet_losses(pred_logits, pred_deltas, anchors, gt_classes, matched_boxes, self.box_coder,
                                       self.cfg, normalizer)
         losses["num_fg"] = num_fg.detach() / len(targets)  # logged, not optimised
+        if loss_normalizer is not None:
+            losses["num_fg_total"] = num_fg.detach()  # summed over the step for `step_normalizer`
         return losses
+
+    @torch.no_grad()
+    def step_normalizer(self, num_fg: Tensor, num_images: int | Tensor) -> Tensor:
+        """The loss normaliser of a whole optimiser step (all micro-batches on all ranks), per `cfg.normalizer`.
+
+        Losses computed with `loss_normalizer=d_est` have gradients exactly d_true / d_est times too large, where
+        d_true is what this returns: the trainer scales the gradients by d_est / d_true. The buffer is updated
+        once per step: for "ema" with the step's foreground count (the normaliser itself), for the other kinds
+        towards d_true, so that `normalizer_estimate` follows the scale of the loss.
+
+        Args:
+            num_fg: scalar, foreground anchors of the step (the sum of every micro-batch's "num_fg_total").
+            num_images: images in the step.
+
+        Returns:
+            d_true: scalar float32 tensor on the buffer's device.
+        """
+        buffer = self.loss_normalizer
+        num_fg = torch.as_tensor(num_fg, dtype=torch.float32, device=buffer.device)
+        m = self.cfg.ema_momentum
+        kind = self.cfg.normalizer
+        if kind == "ema":
+            buffer.mul_(m).add_((1 - m) * num_fg.clamp(min=1))
+            return buffer.clone()
+        if kind == "num_fg_plus_one":
+            normalizer = num_fg + 1
+        elif kind == "num_fg_plus_images":
+            normalizer = num_fg + torch.as_tensor(num_images, dtype=torch.float32, device=buffer.device)
+        else:
+            normalizer = num_fg.clamp(min=1)
+        buffer.mul_(m).add_((1 - m) * normalizer)
+        return normalizer
+
+    def normalizer_estimate(self) -> Tensor:
+        """The current normaliser estimate (a copy of the buffer): the `loss_normalizer` to pass for a step."""
+        return self.loss_normalizer.detach().clone()
