@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -112,10 +113,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; with `deterministic`, ask torch for deterministic kernels."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; it must be set before the first CUDA matmul
+        if "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+            logger.debug("deterministic: set CUBLAS_WORKSPACE_CONFIG=:4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
 
@@ -230,7 +236,9 @@ class Trainer:
         checkpoint = None
         if resume is True:
             found = self._choose_checkpoint()
-            if found is not None:
+            if found is None:
+                logger.info("nothing to resume in %s: starting from scratch", self.out)
+            else:
                 checkpoint, state = found
                 self._resume(checkpoint, state)
         elif resume:
@@ -243,9 +251,13 @@ class Trainer:
             dump_yaml(cfg, self.out / "config.yaml")
         self._val = None
 
-    def _choose_checkpoint(self) -> tuple[Path, dict] | None:
+    def _choose_checkpoint(self, purpose: str = "resume from") -> tuple[Path, dict] | None:
         """The last good checkpoint of the run folder, chosen by rank 0 and loaded by every rank (the folder must
-        be shared by all nodes); None when there is none."""
+        be shared by all nodes); None when there is none.
+
+        Raises:
+            CheckpointError: every checkpoint is damaged (the message lists them), on every rank.
+        """
         choice: tuple[str, str] = ("none", "")
         state = None
         if self.dist.is_main:
@@ -255,13 +267,12 @@ class Trainer:
                 choice = ("none", "") if "no checkpoint in" in str(e) else ("error", str(e))
             else:
                 for bad, reason in rejected:
-                    logger.warning("cannot resume from %s (%s); falling back to %s", bad.name, reason, path.name)
+                    logger.warning("cannot %s %s (%s); falling back to %s", purpose, bad.name, reason, path.name)
                 choice = ("path", str(path))
         kind, value = broadcast_object(choice)
         if kind == "error":
             raise CheckpointError(value)
         if kind == "none":
-            logger.info("nothing to resume in %s: starting from scratch", self.out)
             return None
         if state is None:  # another rank: load the file rank 0 chose
             if not Path(value).is_file():
@@ -564,12 +575,15 @@ class Trainer:
                 f"The last good checkpoint is in {self.out}; lower solver.base_lr, lengthen solver.warmup_iters or "
                 "set solver.clip_grad_norm, then resume with --resume")
         try:
-            path, state, rejected = load_latest_good(self.out)
+            found = self._choose_checkpoint("roll back to")
         except CheckpointError as e:
-            raise DivergenceError(f"training diverged at iteration {bad_at}, before its first usable checkpoint "
-                                  f"({e}); lower solver.base_lr or lengthen solver.warmup_iters") from None
-        for bad_path, reason in rejected:
-            logger.warning("cannot roll back to %s (%s)", bad_path.name, reason)
+            found, problem = None, f" ({e})"
+        else:
+            problem = ""
+        if found is None:
+            raise DivergenceError(f"training diverged at iteration {bad_at}, before its first usable checkpoint"
+                                  f"{problem}; lower solver.base_lr or lengthen solver.warmup_iters")
+        path, state = found
         self._load_state(state)
         scale = self.guard.rolled_back()
         self._apply_lr_scale()
