@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from detkit.data.coco import CocoDataset, DatasetError, is_safe_relative_path
+from detkit.data.coco import CocoDataset, DatasetError, is_safe_relative_path, rle_is_consistent, rle_string_to_counts
 
 
 def _dataset(images=None, annotations=None, categories=None):
@@ -144,3 +144,123 @@ def test_reads_the_synthetic_dataset(synth_root):
     assert len(ds) == len(raw["images"])
     assert len(ds.ann_ids) == len(raw["annotations"])
     assert ds.report.num_invalid == 0 and not ds.report.counts
+
+
+def test_negative_sizes_huge_ints_and_strings_are_malformed_not_fatal():
+    huge = 10 ** 400  # too large for a float: OverflowError wherever it meets one
+    anns = [
+        _ann(1, bbox=(10, 10, -5, -5)),  # negative w and h
+        _ann(2, bbox=(huge, 10, 5, 5)),
+        _ann(3, area=huge, segmentation=[[10, 10, 30, 10, 30, 30]]),  # area unusable: the box's area is used
+        _ann(4, segmentation=[[10, 10, huge, 10, 30, 30], [10, 10, "30", 10, 30, 30]]),
+        _ann(5, segmentation=[[10, 10, 3e7, 10, 30, 30]]),  # a rasteriser's memory bomb, far outside the image
+        _ann(6, segmentation=[[-10, 10, 130, 10, 130, 30]]),  # a little outside: kept
+        _ann(7, bbox=(1, 2, 1e300, 1e300), area=None, segmentation=[[10, 10, 30, 10, 30, 30]]),  # clipped
+        _ann(8, area=1e300, segmentation=[[10, 10, 30, 10, 30, 30]]),  # beyond float32
+    ]
+    ds = CocoDataset.from_dict(_dataset(annotations=anns), load_masks=True)
+    counts = ds.report.counts
+    assert counts["annotation: degenerate box"] == 1
+    assert counts["annotation: missing or malformed bbox"] == 1
+    assert counts["annotation: malformed segmentation"] == 2
+    assert ds.ann_ids.tolist() == [3, 6, 7, 8]
+    np.testing.assert_allclose(ds.areas, [400, 400, 99 * 78, 400])
+
+    # The reader converts a list of clean boxes at once, and goes record by record once any is junk: a record's
+    # fate must not depend on its neighbours.
+    junk = {"id": 9, "image_id": 10, "category_id": 7, "bbox": None}
+    for bbox in [("1", "1", "5", "5"), (True, 1, 5, 5), (huge, 1, 5, 5), (1.5, 2, np.float32(3), np.int64(4))]:
+        for others in ([_ann(8)], [_ann(8), junk]):
+            ds = CocoDataset.from_dict(_dataset(annotations=[_ann(7, bbox=bbox)] + others))
+            assert (7 in ds.ann_ids.tolist()) is (bbox[0] == 1.5), (bbox, len(others))
+    # an id beyond 64 bits is invalid, not wrapped around
+    ds = CocoDataset.from_dict(_dataset(images=[{"id": 2 ** 64, "width": 9, "height": 9, "file_name": "a.jpg"},
+                                                {"id": 2 ** 63, "width": 9, "height": 9, "file_name": "b.jpg"},
+                                                {"id": True, "width": 9, "height": 9, "file_name": "c.jpg"}]))
+    assert len(ds) == 0 and ds.report.counts["image: missing or invalid id"] == 3
+    with pytest.raises(DatasetError, match="integer 'id'"):
+        CocoDataset.from_dict(_dataset(categories=[{"id": huge, "name": "x"}]))
+
+
+def test_nan_infinity_and_huge_ints_in_a_file_cost_their_record_not_the_file(tmp_path):
+    data = _dataset(annotations=[_ann(1, bbox=(float("nan"), 1, 5, 5)), _ann(2, bbox=(1, 1, float("inf"), 5)),
+                                 _ann(3, bbox=(10 ** 400, 1, 5, 5)), _ann(4)])
+    (tmp_path / "a.json").write_text(json.dumps(data))  # what Python's json writes: NaN, Infinity, 1000...0
+    ds = CocoDataset.load(tmp_path / "a.json", tmp_path)
+    assert ds.ann_ids.tolist() == [4]
+    assert ds.report.counts["annotation: non-finite bbox"] == 2
+    assert ds.report.counts["annotation: missing or malformed bbox"] == 1
+
+
+def test_inconsistent_rle_is_dropped():
+    from pycocotools import mask as mask_utils
+
+    mask = np.zeros((80, 100), dtype=np.uint8, order="F")
+    mask[20:40, 30:70] = 1
+    good = mask_utils.encode(mask)["counts"].decode("ascii")
+    big = np.zeros((1000, 1000), dtype=np.uint8, order="F")
+    big[100:900, 100:900] = 1
+    anns = [
+        _ann(1, segmentation={"size": [80, 100], "counts": good}),
+        _ann(2, segmentation={"size": [80, 100], "counts": [3, 4]}),  # sums to 7, not 8000
+        _ann(3, segmentation={"size": [80, 100], "counts": [8001, -1]}),  # right sum, negative run
+        _ann(4, segmentation={"size": [80, 100], "counts": [4000.0, 4000.0]}),
+        _ann(5, segmentation={"size": [80, 100], "counts": "garbage!!"}),
+        _ann(6, segmentation={"size": [80, 100], "counts": mask_utils.encode(big)["counts"].decode("ascii")}),
+        _ann(7, segmentation={"size": [80, 100], "counts": good[:-1]}),  # cut short
+        _ann(8, segmentation={"size": [80, 100], "counts": "é" + good}),
+        _ann(9, segmentation={"size": [80, 100], "counts": [8000]}),  # all background: consistent
+    ]
+    ds = CocoDataset.from_dict(_dataset(annotations=anns), load_masks=True)
+    assert ds.ann_ids.tolist() == [1, 9]
+    assert ds.report.counts["annotation: RLE does not cover the image"] == 7
+    assert "annotation: malformed segmentation" not in ds.report.counts
+    np.testing.assert_array_equal(mask_utils.decode(ds.segmentations.rle(0)), mask)
+    assert mask_utils.decode(ds.segmentations.rle(1)).sum() == 0
+
+
+def test_rle_string_decoder_matches_pycocotools():
+    from pycocotools import mask as mask_utils
+
+    def runs(mask):
+        """Run lengths of a mask in column-major order, starting with background."""
+        flat = mask.ravel(order="F")
+        edges = np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]])
+        lengths = np.diff(edges).tolist()
+        return [0] + lengths if flat[0] else lengths
+
+    rng = np.random.default_rng(0)
+    masks = [np.zeros((1, 1)), np.ones((1, 1)), np.ones((7, 3)), np.zeros((300, 700))]
+    for _ in range(200):
+        h, w = rng.integers(1, 50, 2)
+        masks.append(rng.random((h, w)) < rng.random())  # speckle: many short runs, deltas of both signs
+    big = np.zeros((2000, 3000))  # runs of millions: counts of several 5-bit groups
+    big[5:1999, 1000:2990] = 1
+    masks.append(big)
+    for mask in masks:
+        mask = np.asfortranarray(mask.astype(np.uint8))
+        rle = mask_utils.encode(mask)
+        assert rle_string_to_counts(rle["counts"]) == runs(mask)
+        assert rle_is_consistent(rle, *mask.shape) and not rle_is_consistent(rle, mask.shape[0] + 1, mask.shape[1])
+        # and back: pycocotools reads counts we would accept as the same mask
+        assert mask_utils.decode(mask_utils.frPyObjects({"size": list(mask.shape), "counts": runs(mask)},
+                                                        *mask.shape)).tolist() == mask.tolist()
+    for bad in ["!", "0" + "o" * 3, "p", "\x7f", "0" + "_" * 6 + "0"]:  # bad characters, cut off, > 6 groups
+        assert rle_string_to_counts(bad) is None
+
+
+def test_report_lists_every_item_with_its_reason():
+    anns = [_ann(1)] + [_ann(1) for _ in range(8)] + [{"image_id": 10, "category_id": 7, "bbox": [1, 1, -1, 2]}]
+    images = [{"id": 10, "width": 100, "height": 80, "file_name": "a.jpg"},
+              {"id": 10, "width": 100, "height": 80, "file_name": "b.jpg"}, {"width": 5, "file_name": "c.jpg"},
+              {"id": 11, "width": 5, "height": 5}]
+    report = CocoDataset.from_dict(_dataset(images=images, annotations=anns)).report
+    assert report.items.count(("annotation: duplicate id", "1")) == 8
+    assert ("image: duplicate id", "b.jpg") in report.items
+    assert ("image: missing or invalid id", "c.jpg") in report.items
+    assert ("image: missing or invalid file_name", "11") in report.items
+    assert ("annotation: degenerate box", "annotations[9]") in report.items  # no id: named by position
+    assert len(report.items) == sum(report.counts.values()) == 12
+    assert len(report.examples["annotation: duplicate id"]) == 5  # `format` keeps 5
+    as_json = json.loads(json.dumps(report.to_dict()))
+    assert as_json["items"].count(["annotation: duplicate id", "1"]) == 8

@@ -52,7 +52,7 @@ def test_same_seed_same_batches_whatever_the_worker_count(synth_root):
 def test_resume_skips_exactly_what_was_consumed(synth_root):
     groups = np.array([0, 1] * 10)
     full = list(itertools.islice(iter(TrainBatchSampler(20, 3, seed=1, group_ids=groups)), 12))
-    resumed = list(itertools.islice(iter(TrainBatchSampler(20, 3, seed=1, group_ids=groups, start_iter=5)), 7))
+    resumed = list(itertools.islice(iter(TrainBatchSampler(20, 3, seed=1, group_ids=groups, start_step=5)), 7))
     assert resumed == full[5:]
     for batch in full:  # aspect-ratio grouping: one group per batch
         assert len({groups[i] for i, _ in batch}) == 1
@@ -103,3 +103,63 @@ def test_test_loader_visits_every_image_once_in_order(synth_root):
     assert ids == ds.coco.image_ids.tolist()
     batch = next(iter(build_test_loader(ds, cfg.data)))
     assert batch.images.shape[-1] % 32 == 0 and batch.images.shape[-2] % 32 == 0
+
+
+def test_bad_images_and_a_bad_mask_are_skipped_and_recorded(bad_synth_root, caplog):
+    import json
+    from collections import Counter
+
+    from detkit.data.loader import collate
+
+    planted = json.loads((bad_synth_root / "planted.json").read_text())
+    ds = build_dataset(_cfg(bad_synth_root, "data.num_workers=0").data, "train")
+    coco = ds.coco
+    # An RLE mask pycocotools refuses, on a good image (the reader lets none through from a file).
+    victim = int(np.flatnonzero(coco.image_ids == 5)[0])
+    rows = coco.annotation_slice(victim)
+    ann = rows.start + int(np.flatnonzero(~coco.is_crowd[rows])[0])
+    coco.segmentations.rles.append({"size": [int(coco.heights[victim]), int(coco.widths[victim])],
+                                    "counts": b"garbage!!"})
+    coco.segmentations.rle_index[ann] = len(coco.segmentations.rles) - 1
+    expected = {e["image_id"]: (e["file_name"], e["reason"]) for e in planted["unreadable_images"]}
+    expected[5] = (str(coco.file_names[victim]), "mask of annotation")
+
+    calls = Counter()
+    load_sample = ds.load_sample
+
+    def counting_load(index):
+        calls[index] += 1
+        return load_sample(index)
+
+    ds.load_sample = counting_load
+    with caplog.at_level(logging.WARNING):
+        passes = [[ds[(i, 7 * i)] for i in range(len(ds))] for _ in range(2)]
+    for items in passes:
+        batch = collate(items)
+        assert {m.image_id for m in batch.metas}.isdisjoint(expected)  # only usable images come out
+        assert {image_id for image_id, _, _ in batch.skipped} == set(expected)
+        for image_id, file_name, reason in batch.skipped:
+            assert file_name == expected[image_id][0] and expected[image_id][1] in reason
+        odd = {e["image_id"] for e in planted["must_not_skip"]}
+        assert odd <= {m.image_id for m in batch.metas}  # CMYK, 16-bit, gray, EXIF: used as they are
+        assert batch.to("cpu").skipped == batch.skipped
+    # The substitute depends on the key alone: the second pass, which knew the bad images, chose the same ones.
+    assert [m.index for _, m in passes[0]] == [m.index for _, m in passes[1]]
+    bad_indices = np.flatnonzero(np.isin(coco.image_ids, list(expected)))
+    assert all(calls[i] == 1 for i in bad_indices)  # each bad image was decoded once, though met many times
+    assert "skipping unreadable image" in caplog.text and "mask of annotation" in caplog.text
+
+
+def test_substitute_search_walks_any_run_and_fails_only_when_every_image_does(synth_root, tmp_path):
+    import pytest
+
+    ds = build_dataset(_cfg(synth_root, "data.num_workers=0").data, "train")
+    last = len(ds) - 1
+    ds.coco.image_root = str(tmp_path)  # every file missing but the last one
+    shutil.copy(synth_root / "train" / str(ds.coco.file_names[last]), tmp_path)
+    _, meta = ds[(0, 0)]
+    assert meta.index == last and len(meta.skipped) == last > 10  # the old limit was 10 in a row
+    assert {reason for _, _, reason in meta.skipped} == {"file not found"}
+    (tmp_path / str(ds.coco.file_names[last])).unlink()
+    with pytest.raises(RuntimeError, match=f"none of the {len(ds)} images .*`detkit check-data --decode`"):
+        ds[(3, 3)]

@@ -7,10 +7,12 @@ reaches training.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
@@ -39,13 +41,18 @@ REASONS: dict[str, str] = {
     "annotation: box outside the image": "clipped",
     "annotation: polygon with fewer than 3 points": "dropped",
     "annotation: malformed segmentation": "dropped",
+    "annotation: RLE does not cover the image": "dropped",
 }
 _FIXES = {"clipped"}  # reasons that repair the record rather than remove it
 
 
 @dataclass
 class DataReport:
-    """Counts (and a few example ids) of every record the reader dropped, clipped or rejected."""
+    """Every record the reader dropped, clipped or rejected: a count per reason and the record itself.
+
+    A record is named by its id, or by its file_name for images (what a user looks for on disk); a record without
+    a usable id by its position, e.g. `annotations[12]`.
+    """
 
     source: str = ""
     images_in: int = 0
@@ -55,20 +62,21 @@ class DataReport:
     crowd_kept: int = 0
     categories: int = 0
     counts: Counter = field(default_factory=Counter)
-    examples: dict = field(default_factory=dict)
+    examples: dict = field(default_factory=dict)  # reason -> the first 5 records, for `format`
+    items: list = field(default_factory=list)  # (reason, record) of every record, both as str
     extra: dict = field(default_factory=dict)  # further checks (e.g. image files) by name -> count
 
-    def add(self, reason: str, count: int = 1, examples: Iterable[Any] = ()) -> None:
+    def add(self, reason: str, records: Iterable[Any]) -> None:
+        """Count one record of `reason` per entry of `records` (each an id or a file_name)."""
         if reason not in REASONS:
             raise KeyError(reason)
-        if count <= 0:
+        records = [str(r) for r in records]
+        if not records:
             return
-        self.counts[reason] += int(count)
+        self.counts[reason] += len(records)
         kept = self.examples.setdefault(reason, [])
-        for ex in examples:
-            if len(kept) >= 5:
-                break
-            kept.append(ex)
+        kept.extend(records[:max(0, 5 - len(kept))])
+        self.items.extend((reason, r) for r in records)
 
     @property
     def num_invalid(self) -> int:
@@ -102,16 +110,27 @@ class DataReport:
                 "crowd_kept": self.crowd_kept, "categories": self.categories,
                 "problems": {r: {"count": n, "action": REASONS[r], "examples": self.examples.get(r, [])}
                              for r, n in self.counts.items()},
-                "extra": dict(self.extra)}
+                "items": [list(item) for item in self.items], "extra": dict(self.extra)}
 
 
 def load_json(path: str | Path) -> Any:
-    """Parse a JSON file with orjson (on COCO train2017's size: 13.5 s against json's 18.9 s)."""
+    """Parse a JSON file with orjson (on COCO train2017's size: 13.5 s against json's 18.9 s).
+
+    A file orjson refuses is read again with Python's json, which also takes NaN, Infinity and integers beyond 64
+    bits: Python's `json.dump` writes them, and one such value should cost its record (reported), not the file.
+
+    Raises:
+        DatasetError: neither parser can read the file.
+    """
     data = Path(path).read_bytes()
     try:
         return orjson.loads(data)
     except ValueError as exc:
-        raise DatasetError(f"{path}: not valid JSON: {exc}") from None
+        error = exc
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
+        raise DatasetError(f"{path}: not valid JSON: {error}") from None
 
 
 def is_safe_relative_path(name: str) -> bool:
@@ -124,37 +143,124 @@ def is_safe_relative_path(name: str) -> bool:
     return ".." not in posix.split("/")
 
 
+# What counts as a number in a record: int and float (NumPy's too, for callers of `from_dict`), never bool or str.
+_INT_TYPES = (int, np.integer)
+_NUMBER_TYPES = (int, float, np.integer, np.floating)
+_BOOL_TYPES = (bool, np.bool_)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, _INT_TYPES) and not isinstance(value, _BOOL_TYPES)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, _NUMBER_TYPES) and not isinstance(value, _BOOL_TYPES)
+
+
+def _all_of_types(values: Iterable[Any], types: tuple) -> bool:
+    """True when every value is an instance of `types` and none is a bool: one check per distinct type, so a
+    million values cost one `set(map(type, ...))` pass."""
+    return all(issubclass(t, types) and not issubclass(t, _BOOL_TYPES) for t in set(map(type, values)))
+
+
+def _float_or_nan(value: Any) -> float:
+    """A finite number as float, anything else (junk, NaN, inf, an int too large for a float) as NaN."""
+    if not _is_number(value):
+        return math.nan
+    try:
+        number = float(value)
+    except OverflowError:
+        return math.nan
+    return number if math.isfinite(number) else math.nan
+
+
 def _int_array(values: list) -> tuple[np.ndarray, np.ndarray]:
     """Integers from a list that may hold junk: (values as int64 with junk as 0, valid mask)."""
-    try:
-        arr = np.asarray(values)
-        if arr.dtype.kind in "iu" and arr.ndim == 1:
-            return arr.astype(np.int64), np.ones(len(values), dtype=bool)
-    except (ValueError, TypeError, OverflowError):
-        pass
+    if _all_of_types(values, _INT_TYPES):
+        arr = np.asarray(values)  # object dtype for ints beyond 64 bits: the loop below rejects them
+        if arr.dtype.kind == "i" or (arr.dtype.kind == "u" and (not arr.size or arr.max() < 2 ** 63)):
+            return arr.astype(np.int64).reshape(len(values)), np.ones(len(values), dtype=bool)
     out = np.zeros(len(values), dtype=np.int64)
     ok = np.zeros(len(values), dtype=bool)
     for i, v in enumerate(values):
-        if isinstance(v, int) and not isinstance(v, bool) and -(2 ** 63) <= v < 2 ** 63:
+        if _is_int(v) and -(2 ** 63) <= v < 2 ** 63:
             out[i], ok[i] = v, True
     return out, ok
 
 
 def _bbox_array(values: list) -> tuple[np.ndarray, np.ndarray]:
-    """COCO [x, y, w, h] lists -> (float64 (A, 4), well-formed mask)."""
-    try:
-        arr = np.asarray(values, dtype=np.float64)
-        if arr.ndim == 2 and arr.shape[1] == 4:
-            return arr, np.ones(len(values), dtype=bool)
-    except (ValueError, TypeError):
-        pass
+    """COCO [x, y, w, h] lists -> (float64 (A, 4), well-formed mask). A box is well-formed when it is a list of
+    four numbers (not bool, not str) that fit in a float; whether they are finite is checked later."""
+    if _all_of_types(values, (list, tuple)) and set(map(len, values)) <= {4} \
+            and _all_of_types(chain.from_iterable(values), _NUMBER_TYPES):
+        try:
+            return np.asarray(values, dtype=np.float64).reshape(len(values), 4), np.ones(len(values), dtype=bool)
+        except OverflowError:  # an int too large for a float: find it below
+            pass
     out = np.zeros((len(values), 4), dtype=np.float64)
     ok = np.zeros(len(values), dtype=bool)
     for i, v in enumerate(values):
-        if isinstance(v, (list, tuple)) and len(v) == 4 and all(
-                isinstance(c, (int, float)) and not isinstance(c, bool) for c in v):
-            out[i], ok[i] = v, True
+        if isinstance(v, (list, tuple)) and len(v) == 4 and all(_is_number(c) for c in v):
+            try:
+                out[i] = [float(c) for c in v]
+            except OverflowError:
+                continue
+            ok[i] = True
     return out, ok
+
+
+def rle_string_to_counts(counts: str | bytes) -> list[int] | None:
+    """The run lengths in a COCO compressed RLE string, or None when the string is malformed.
+
+    The format is pycocotools' (`rleToString` in maskApi.c): each count is written as 5-bit groups, least
+    significant first, each as the character chr(48 + group), with bit 0x20 set when another group follows; bit
+    0x10 of the last group is the sign. From the fourth count on, the string holds the difference to the count two
+    places earlier. Malformed: a character outside '0'..'o', a count cut off at the end, or a count of more than 6
+    groups (beyond +-2**29, where pycocotools' 32-bit shifts overflow; no image we decode is that large).
+
+    Args:
+        counts: the `counts` field of a compressed RLE, as str or ASCII bytes.
+
+    Returns:
+        The run lengths (alternating background, foreground, ..., column-major), possibly negative when the
+        string is not a valid mask; None when the string cannot be read.
+    """
+    if isinstance(counts, str):
+        try:
+            counts = counts.encode("ascii")
+        except UnicodeEncodeError:
+            return None
+    out: list[int] = []
+    pos, end = 0, len(counts)
+    while pos < end:
+        value, shift, more = 0, 0, True
+        while more:
+            if pos == end or shift == 30:
+                return None
+            group = counts[pos] - 48
+            if not 0 <= group < 64:
+                return None
+            value |= (group & 0x1F) << shift
+            more = bool(group & 0x20)
+            pos += 1
+            shift += 5
+            if not more and group & 0x10:
+                value |= -1 << shift  # sign-extend
+        if len(out) > 2:
+            value += out[-2]
+        out.append(value)
+    return out
+
+
+def rle_is_consistent(rle: dict, height: int, width: int) -> bool:
+    """True when an RLE's counts (a list, or a compressed str/bytes) are non-negative and cover exactly the
+    height x width pixels of its image: what pycocotools needs to decode it into memory it owns."""
+    counts = rle.get("counts") if isinstance(rle, dict) else None
+    if isinstance(counts, (str, bytes)):
+        counts = rle_string_to_counts(counts)
+    elif not isinstance(counts, list) or not all(_is_int(c) for c in counts):
+        return False
+    return counts is not None and all(0 <= c < 2 ** 32 for c in counts) and sum(counts) == height * width
 
 
 @dataclass
@@ -201,39 +307,50 @@ class Segmentations:
                    rle_index, rles)
 
 
-def _parse_segmentation(seg: Any, height: int, width: int) -> tuple[list | dict | None, int]:
-    """One annotation's segmentation -> (polygons or RLE, or None when unusable; number of short polygons)."""
-    from pycocotools import mask as mask_utils
+_MALFORMED_SEGMENTATION = "annotation: malformed segmentation"
+_RLE_NOT_COVERING = "annotation: RLE does not cover the image"
 
+
+def _parse_segmentation(seg: Any, height: int, width: int) -> tuple[list | dict | None, int, str]:
+    """One annotation's segmentation -> (polygons or RLE, None when unusable; number of short polygons; the
+    reason it is unusable).
+
+    A polygon must be a flat list of finite numbers within one image size of the image: pycocotools rasterises
+    the outline point by point, so a coordinate of 3e7 costs it 3.4 GB. An RLE must have the image's size and
+    counts that cover it exactly (checked here, as pycocotools reads past its buffer otherwise).
+    """
     if isinstance(seg, list):
         polys, short = [], 0
         for poly in seg:
-            if not isinstance(poly, list):
+            if not isinstance(poly, list) or not _all_of_types(poly, _NUMBER_TYPES):
                 continue
             try:
                 arr = np.asarray(poly, dtype=np.float64)
-            except (ValueError, TypeError):
+            except OverflowError:
                 continue
-            if arr.ndim != 1 or len(arr) % 2 or not np.isfinite(arr).all():
+            if len(arr) % 2 or not np.isfinite(arr).all():
                 continue
             if len(arr) < 6:
                 short += 1
                 continue
+            xs, ys = arr[0::2], arr[1::2]
+            if xs.min() < -width or xs.max() > 2 * width or ys.min() < -height or ys.max() > 2 * height:
+                continue
             polys.append(arr.astype(np.float32))
-        return (polys or None), short
-    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
-        try:
-            h, w = (int(v) for v in seg["size"])
-            if (h, w) != (height, width):
-                return None, 0
-            rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else dict(seg)
-            if isinstance(rle.get("counts"), str):
-                rle["counts"] = rle["counts"].encode("ascii")
-            mask_utils.area(rle)  # decodes the counts: raises on garbage
-            return rle, 0
-        except (ValueError, TypeError, KeyError, OverflowError, UnicodeEncodeError):
-            return None, 0
-    return None, 0
+        return (polys or None), short, _MALFORMED_SEGMENTATION
+    if not (isinstance(seg, dict) and "counts" in seg and "size" in seg):
+        return None, 0, _MALFORMED_SEGMENTATION
+    size, counts = seg["size"], seg["counts"]
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)) \
+            or (int(size[0]), int(size[1])) != (height, width) or not isinstance(counts, (list, str, bytes)):
+        return None, 0, _MALFORMED_SEGMENTATION
+    if not rle_is_consistent(seg, height, width):
+        return None, 0, _RLE_NOT_COVERING
+    if isinstance(counts, list):
+        from pycocotools import mask as mask_utils
+
+        return mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width), 0, ""
+    return {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}, 0, ""
 
 
 @dataclass
@@ -332,8 +449,8 @@ class CocoDataset:
         cat_ids, cat_names = [], {}
         for c in data["categories"]:
             cid = c.get("id") if isinstance(c, dict) else None
-            if not isinstance(cid, int) or isinstance(cid, bool):
-                raise DatasetError(f"{src}: category without an integer 'id': {c!r}")
+            if not _is_int(cid) or not -(2 ** 63) <= cid < 2 ** 63:
+                raise DatasetError(f"{src}: category without an integer 'id' (64-bit): {c!r}"[:500])
             if cid in cat_names:
                 raise DatasetError(f"{src}: duplicate category id {cid}")
             cat_ids.append(cid)
@@ -351,23 +468,26 @@ class CocoDataset:
         heights, h_ok = _int_array([im.get("height") if isinstance(im, dict) else None for im in images])
         names = [im.get("file_name") if isinstance(im, dict) else None for im in images]
         size_ok = w_ok & h_ok & (widths > 0) & (heights > 0)
-        report.add("image: missing or invalid width/height", int((img_ok & ~size_ok).sum()),
-                   image_ids[img_ok & ~size_ok][:5].tolist())
         name_bad = np.array([not isinstance(n, str) or not n for n in names], dtype=bool)
         unsafe = np.array([isinstance(n, str) and bool(n) and not is_safe_relative_path(n) for n in names],
                           dtype=bool)
-        report.add("image: missing or invalid file_name", int((img_ok & name_bad).sum()),
-                   image_ids[img_ok & name_bad][:5].tolist())
-        report.add("image: file_name escapes the image root", int((img_ok & unsafe).sum()),
-                   [names[i] for i in np.flatnonzero(img_ok & unsafe)[:5]])
+
+        def image_records(bad: np.ndarray) -> list[str]:
+            """How the report names images: by file_name, else by id, else by position."""
+            return [names[i] if not name_bad[i] else str(image_ids[i]) if img_ok[i] else f"images[{i}]"
+                    for i in np.flatnonzero(bad)]
+
+        report.add("image: missing or invalid width/height", image_records(img_ok & ~size_ok))
+        report.add("image: missing or invalid file_name", image_records(img_ok & name_bad))
+        report.add("image: file_name escapes the image root", image_records(img_ok & unsafe))
         # An id seen twice keeps its first record.
         first = np.zeros(len(images), dtype=bool)
         _, first_idx = np.unique(image_ids[img_ok], return_index=True)
         first[np.flatnonzero(img_ok)[first_idx]] = True
         dup = img_ok & ~first
-        report.add("image: duplicate id", int(dup.sum()), image_ids[dup][:5].tolist())
+        report.add("image: duplicate id", image_records(dup))
         img_keep = img_ok & first & size_ok & ~name_bad & ~unsafe
-        report.add("image: missing or invalid id", int((~img_ok).sum()), [names[i] for i in np.flatnonzero(~img_ok)[:5]])
+        report.add("image: missing or invalid id", image_records(~img_ok))
 
         kept_img = np.flatnonzero(img_keep)
         order = np.argsort(image_ids[kept_img], kind="stable")
@@ -391,11 +511,17 @@ class CocoDataset:
 
         keep = np.ones(num_anns, dtype=bool)
 
-        def drop(reason: str, bad: np.ndarray, examples: np.ndarray | None = None) -> None:
+        def ann_record(i: int) -> str:
+            """How the report names an annotation: by id, else by position."""
+            return str(ann_ids[i]) if aid_ok[i] else f"annotations[{i}]"
+
+        def ann_records(bad: np.ndarray) -> list[str]:
+            return [ann_record(i) for i in np.flatnonzero(bad)]
+
+        def drop(reason: str, bad: np.ndarray) -> None:
             nonlocal keep
             bad = bad & keep
-            ex = (ann_ids if examples is None else examples)[bad][:5].tolist()
-            report.add(reason, int(bad.sum()), ex)
+            report.add(reason, ann_records(bad))
             keep &= ~bad
 
         pos = np.searchsorted(img_id_sorted, ann_img)
@@ -426,31 +552,30 @@ class CocoDataset:
                 (bbox_xywh[:, 2] <= 0) | (bbox_xywh[:, 3] <= 0)
             drop("annotation: degenerate box", degenerate)
             clipped = keep & ((cx0 != x0) | (cy0 != y0) | (cx1 != x1) | (cy1 != y1))
-        report.add("annotation: box outside the image", int(clipped.sum()), ann_ids[clipped][:5].tolist())
+        report.add("annotation: box outside the image", ann_records(clipped))
         boxes = np.stack([cx0, cy0, cx1, cy1], axis=1).astype(np.float32)
 
-        areas_raw = get("area")
-        areas = np.array([a if isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)
-                          else float("nan") for a in areas_raw], dtype=np.float64)
-        missing_area = ~np.isfinite(areas)
-        areas[missing_area] = (bbox_xywh[missing_area, 2] * bbox_xywh[missing_area, 3]) \
-            if missing_area.any() else 0  # COCO falls back to the box area too
+        areas = np.array([_float_or_nan(a) for a in get("area")], dtype=np.float64).reshape(num_anns)
+        # Without a usable area (missing, junk, or beyond float32 where it is stored) COCO takes the box area; the
+        # clipped box's, so that it is finite too.
+        missing_area = ~(np.abs(areas) <= np.finfo(np.float32).max)
+        areas[missing_area] = ((cx1 - cx0) * (cy1 - cy0))[missing_area]
 
         parsed: dict[int, list | dict] = {}
         if load_masks:
-            bad = []
+            bad_mask = {_MALFORMED_SEGMENTATION: np.zeros(num_anns, dtype=bool),
+                        _RLE_NOT_COVERING: np.zeros(num_anns, dtype=bool)}
             for i in np.flatnonzero(keep & ~is_crowd):
-                mask, short = _parse_segmentation(anns[i].get("segmentation"), int(img_h[pos_c[i]]),
-                                                  int(img_w[pos_c[i]]))
+                mask, short, reason = _parse_segmentation(anns[i].get("segmentation"), int(img_h[pos_c[i]]),
+                                                          int(img_w[pos_c[i]]))
                 if short:
-                    report.add("annotation: polygon with fewer than 3 points", short, [int(ann_ids[i])])
+                    report.add("annotation: polygon with fewer than 3 points", [ann_record(i)] * short)
                 if mask is None:
-                    bad.append(i)
+                    bad_mask[reason][i] = True
                 else:
                     parsed[i] = mask
-            bad_mask = np.zeros(num_anns, dtype=bool)
-            bad_mask[bad] = True
-            drop("annotation: malformed segmentation", bad_mask)
+            for reason, bad in bad_mask.items():
+                drop(reason, bad)
 
         # --- group kept annotations by image
         kept_ann = np.flatnonzero(keep)
@@ -459,7 +584,9 @@ class CocoDataset:
         if filter_empty:
             has_obj = np.zeros(len(kept_img), dtype=bool)
             has_obj[img_of_ann[~is_crowd[kept_ann]]] = True
-            report.add("image: no annotations", int((~has_obj).sum()), img_id_sorted[~has_obj][:5].tolist())
+            dropped = np.zeros(len(images), dtype=bool)
+            dropped[kept_img[~has_obj]] = True
+            report.add("image: no annotations", image_records(dropped))
             new_index = np.cumsum(has_obj) - 1
             ann_keep = has_obj[img_of_ann]
             kept_ann, img_of_ann = kept_ann[ann_keep], new_index[img_of_ann[ann_keep]]

@@ -1,12 +1,21 @@
 """Decode image files to RGB safely: EXIF orientation, every colour mode, pixel limits, clear errors."""
 from __future__ import annotations
 
+import logging
+import struct
 import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_MAX_PIXELS = 178_956_970  # twice Pillow's warning threshold; larger files are refused
+
+# What Pillow's decoders and EXIF parser raise on damaged input besides OSError: each plugin parses headers with
+# struct, indexing and dict lookups, so the failure surfaces as whichever of these the damage reaches first.
+_PARSE_ERRORS = (SyntaxError, ValueError, EOFError, struct.error, TypeError, IndexError, KeyError, OverflowError,
+                 ZeroDivisionError)
 
 
 class ImageDecodeError(RuntimeError):
@@ -21,8 +30,9 @@ class ImageDecodeError(RuntimeError):
 def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Read an image as an RGB PIL image in its displayed orientation.
 
-    EXIF orientation is applied; grayscale, palette, RGBA (composited on black), CMYK and 16-bit images are
-    converted to 8-bit RGB.
+    EXIF orientation is applied; an EXIF block Pillow cannot read leaves the image as stored, with a warning (the
+    size check of `read_annotated_image` still catches a wrong width and height). Grayscale, palette, RGBA
+    (composited on black), CMYK and 16-bit images are converted to 8-bit RGB.
 
     Args:
         path: the image file.
@@ -45,8 +55,7 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
                     raise ImageDecodeError(path, f"{width}x{height} = {width * height} pixels is over the limit of "
                                                  f"{max_pixels} (data.max_image_pixels); refusing to decode it")
                 img.load()  # decode now, inside the try, so truncation is reported here
-                img = ImageOps.exif_transpose(img)
-                return _to_rgb(img)
+                return _to_rgb(_exif_transpose(img, path))
     except ImageDecodeError:
         raise
     except FileNotFoundError:
@@ -55,8 +64,31 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         raise ImageDecodeError(path, "not a recognised image file") from None
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(path, f"refused as a decompression bomb: {exc}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except OSError as exc:
+        if exc.errno is not None:  # the file system's error (permissions, a folder), not Pillow's
+            raise ImageDecodeError(path, f"cannot read the file ({exc.strerror})") from None
         raise ImageDecodeError(path, f"corrupt or truncated image ({exc})") from None
+    except MemoryError:
+        raise ImageDecodeError(path, "out of memory while decoding") from None
+    except _PARSE_ERRORS as exc:
+        raise ImageDecodeError(path, f"corrupt or truncated image ({_describe(exc)})") from None
+
+
+def _exif_transpose(img: Image.Image, path: Path) -> Image.Image:
+    """`img` in its displayed orientation; as stored, with a warning, when its EXIF block cannot be read."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except (OSError, *_PARSE_ERRORS) as exc:
+        logger.warning("%s: unreadable EXIF block (%s); using the image as stored, without EXIF orientation",
+                       path, _describe(exc))
+        return img
+
+
+def _describe(exc: BaseException) -> str:
+    """'struct.error: argument out of range' rather than 'error: ...'."""
+    kind = type(exc)
+    name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+    return f"{name}: {exc}"
 
 
 def read_annotated_image(path: str | Path, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

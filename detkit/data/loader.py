@@ -1,15 +1,18 @@
 """Datasets, samplers and DataLoaders: decode and augment in workers, deterministic per seed, epoch and sample.
 
 All training randomness comes from the batch sampler: it shuffles each epoch with (seed, epoch) and gives every
-sample its own seed derived from (seed, epoch, rank, position). Augmentations therefore do not depend on the
-number of workers or on which worker ran them, and a run can resume at any iteration by skipping ahead.
+sample its own seed derived from (seed, epoch, position in the epoch). Augmentations therefore do not depend on the
+number of workers, on which worker ran them, or on how a step's images are split over ranks and micro-batches, and a
+run can resume at any step by skipping ahead.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
-from dataclasses import dataclass
+import signal
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Iterator, Sequence
 
@@ -25,7 +28,9 @@ from .transforms import Sample, TransformPipeline
 
 logger = logging.getLogger(__name__)
 
-MAX_DECODE_RETRIES = 10
+
+class SampleError(ImageDecodeError):
+    """An image decoded, but its annotations cannot become a sample (a mask pycocotools cannot decode)."""
 
 
 @dataclass
@@ -34,6 +39,8 @@ class ImageMeta:
     image_id: int  # the COCO image id
     orig_size: tuple[int, int]  # (height, width) as annotated
     affine: tuple[float, float, float, float]  # original -> network pixel coordinates
+    # (image_id, file_name, reason) of each image passed over to reach this one, because it could not be used
+    skipped: list = field(default_factory=list)
 
 
 @dataclass
@@ -63,6 +70,8 @@ class Batch:
     # (N,) float32 network pixels per original pixel, sqrt(|ax * ay|) of each meta's affine: sqrt(w * h) of a box
     # in the network divided by it is the box's sqrt(w * h) in the original image (TridentNet's size ranges)
     image_scales: torch.Tensor | None = None
+    # (image_id, file_name, reason) of every image skipped while loading this batch (the metas' `skipped`)
+    skipped: list = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -71,19 +80,22 @@ class Batch:
         return Batch(self.images.to(device, non_blocking=non_blocking),
                      self.image_sizes.to(device, non_blocking=non_blocking),
                      [t.to(device, non_blocking) for t in self.targets], self.metas,
-                     None if self.image_scales is None else self.image_scales.to(device, non_blocking=non_blocking))
+                     None if self.image_scales is None else self.image_scales.to(device, non_blocking=non_blocking),
+                     skipped=self.skipped)
 
     def pin_memory(self) -> "Batch":
         return Batch(self.images.pin_memory(), self.image_sizes.pin_memory(),
                      [t.pin_memory() for t in self.targets], self.metas,
-                     None if self.image_scales is None else self.image_scales.pin_memory())
+                     None if self.image_scales is None else self.image_scales.pin_memory(), skipped=self.skipped)
 
 
 class DetectionDataset(Dataset):
     """A `CocoDataset` whose items are decoded, transformed samples.
 
-    Items are addressed by (index, sample_seed). An image that cannot be decoded is reported with its path and
-    replaced by the next one, so a bad file never kills a worker.
+    Items are addressed by (index, sample_seed). An image that cannot be used (an unreadable file, a mask that
+    cannot be decoded) is logged, recorded in the item's `ImageMeta.skipped`, and replaced by the next usable image
+    in index order, so a bad file never kills a worker and the substitute depends on the key alone (resume stays
+    exact).
     """
 
     def __init__(self, coco: CocoDataset, transform: TransformPipeline, *, load_masks: bool = False,
@@ -92,6 +104,7 @@ class DetectionDataset(Dataset):
         self.transform = transform
         self.load_masks = load_masks and coco.segmentations is not None
         self.max_image_pixels = max_image_pixels
+        self._bad: dict[int, str] = {}  # index -> reason, of images this process failed to load: not decoded again
 
     def __len__(self) -> int:
         return len(self.coco)
@@ -111,29 +124,48 @@ class DetectionDataset(Dataset):
 
             segs = coco.segmentations
             masks = []
-            for a in np.flatnonzero(~crowd) + rows.start:
-                rle = segs.rle(int(a))
-                masks.append(mask_utils.decode(rle) if rle is not None else segs.polygons(int(a)))
+            for a in (np.flatnonzero(~crowd) + rows.start).tolist():
+                rle = segs.rle(a)
+                if rle is None:
+                    masks.append(segs.polygons(a))
+                    continue
+                try:
+                    mask = mask_utils.decode(rle)
+                except (ValueError, TypeError, KeyError, OverflowError, MemoryError) as exc:
+                    raise SampleError(path, f"mask of annotation {coco.ann_ids[a]} cannot be decoded ({exc})") \
+                        from None
+                if mask.shape != (image.height, image.width):
+                    raise SampleError(path, f"mask of annotation {coco.ann_ids[a]} is {mask.shape[1]}x"
+                                            f"{mask.shape[0]}, the image {image.width}x{image.height}")
+                masks.append(mask)
         return Sample(image=image, boxes=boxes[~crowd], labels=coco.labels[rows][~crowd],
                       ignore_boxes=boxes[crowd], masks=masks)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Sample, ImageMeta]:
         index, seed = key if isinstance(key, tuple) else (key, key)
-        for attempt in range(MAX_DECODE_RETRIES):
-            try:
-                sample = self.load_sample(index)
-                break
-            except ImageDecodeError as exc:
-                logger.warning("skipping unreadable image (%s); using the next image instead", exc)
-                index = (index + 1) % len(self)
+        skipped = []
+        # Walk forward to the first usable image; its sample keeps the key's seed. Only a dataset where every
+        # image fails stops here.
+        for _ in range(len(self)):
+            reason = self._bad.get(index)
+            if reason is None:
+                try:
+                    sample = self.load_sample(index)
+                    break
+                except ImageDecodeError as exc:
+                    logger.warning("skipping unreadable image (%s); using the next image instead", exc)
+                    reason = self._bad[index] = exc.reason
+            skipped.append((int(self.coco.image_ids[index]), str(self.coco.file_names[index]), reason))
+            index = (index + 1) % len(self)
         else:
-            raise RuntimeError(f"{MAX_DECODE_RETRIES} images in a row could not be read; last one: "
-                               f"{self.coco.image_path(index)}. Run `detkit check-data` on this dataset.")
+            raise RuntimeError(f"none of the {len(self)} images in {self.coco.image_root} could be used, e.g. "
+                               f"{self.coco.image_path(index)}: {self._bad.get(index)}. Run `detkit check-data "
+                               f"--decode` on this dataset.")
         rng = np.random.default_rng(seed) if self.transform.train else None
         sample = self.transform(sample, rng)
         meta = ImageMeta(index=index, image_id=int(self.coco.image_ids[index]),
                          orig_size=(int(self.coco.heights[index]), int(self.coco.widths[index])),
-                         affine=sample.affine)
+                         affine=sample.affine, skipped=skipped)
         return sample, meta
 
 
@@ -160,55 +192,83 @@ def collate(items: Sequence[tuple[Sample, ImageMeta]], size_divisibility: int = 
                                masks=sample.masks))
     scales = [math.sqrt(abs(m.affine[0] * m.affine[2])) for _, m in items]
     return Batch(images=images, image_sizes=torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2),
-                 targets=targets, metas=[m for _, m in items], image_scales=torch.tensor(scales, dtype=torch.float32))
+                 targets=targets, metas=[m for _, m in items], image_scales=torch.tensor(scales, dtype=torch.float32),
+                 skipped=[entry for _, m in items for entry in m.skipped])
 
 
 def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
+    """The augmentation seed of one sample, hashed from (run seed, epoch, rank, position).
+
+    The training sampler passes rank 0 and the position in the whole epoch's permutation, so that a sample's seed
+    does not depend on how a step batch is split over ranks and micro-batches.
+    """
     return int(np.random.SeedSequence([seed, epoch, rank, position]).generate_state(1)[0])
 
 
 class TrainBatchSampler(Sampler):
-    """An endless stream of training batches of (index, sample_seed) keys.
+    """An endless stream of one rank's training micro-batches of (index, sample_seed) keys.
 
-    Each epoch is a permutation drawn from (seed, epoch); with several ranks each takes every world_size-th
-    element. With aspect-ratio grouping, batches hold only landscape or only portrait images; a group's
-    leftovers carry over into the next epoch.
+    Each epoch is a permutation drawn from (seed, epoch). Consecutive keys form step batches of
+    `batch_size * world_size * accumulate` keys: what one optimiser step sees over all ranks and micro-batches.
+    Micro-batch m of a step goes to rank r as the slice [(m * world_size + r) * batch_size, +batch_size). Seeds
+    come from the position in the epoch, so one process with batch 4, two ranks with batch 2, and accumulate 2
+    with batch 2 train on the same images with the same augmentations. With aspect-ratio grouping, a step batch
+    holds only landscape or only portrait images; a group's leftovers carry over into the next epoch. With one
+    rank and no accumulation a step batch is a batch, and the stream is the one detkit has always produced.
+
+    Args:
+        num_items: the number of images.
+        batch_size: images per rank and micro-batch.
+        seed: the run seed; shuffle: a new permutation every epoch (otherwise in order).
+        group_ids: (num_items,) group of each image (0 landscape, 1 portrait), or None for no grouping.
+        rank, world_size: this process and the number of processes.
+        accumulate: micro-batches per optimiser step.
+        start_step: optimiser steps already trained on (resume); they are skipped without computing seeds.
     """
 
     def __init__(self, num_items: int, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 group_ids: np.ndarray | None = None, rank: int = 0, world_size: int = 1, start_iter: int = 0):
+                 group_ids: np.ndarray | None = None, rank: int = 0, world_size: int = 1, accumulate: int = 1,
+                 start_step: int = 0):
         if num_items <= 0:
             raise ValueError("the training set is empty: nothing to sample (see `detkit check-data`)")
+        if min(batch_size, world_size, accumulate) < 1 or not 0 <= rank < world_size or start_step < 0:
+            raise ValueError(f"invalid sampler split: batch_size {batch_size}, rank {rank} of {world_size}, "
+                             f"accumulate {accumulate}, start_step {start_step}")
         self.num_items, self.batch_size, self.seed, self.shuffle = num_items, batch_size, seed, shuffle
-        self.group_ids = group_ids
-        self.rank, self.world_size, self.start_iter = rank, world_size, start_iter
+        self.group_ids = None if group_ids is None else np.asarray(group_ids).astype(np.int64)
+        self.rank, self.world_size, self.accumulate, self.start_step = rank, world_size, accumulate, start_step
+        self.step_batch = batch_size * world_size * accumulate
 
-    def _keys(self) -> Iterator[tuple[int, int]]:
+    def state(self, steps_consumed: int) -> dict:
+        """The data position after `steps_consumed` optimiser steps, in the checkpoint's `data` format."""
+        return {"scheme": 2, "seed": self.seed, "step_batch": self.step_batch, "steps_consumed": int(steps_consumed)}
+
+    def _step_batches(self) -> Iterator[list[tuple[int, int, int]]]:
+        """Endless step batches of (index, epoch, position in the epoch's permutation) keys."""
+        buckets: dict[int, list] = {}
         epoch = 0
         while True:
             if self.shuffle:
                 order = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
             else:
                 order = np.arange(self.num_items)
-            for position, index in enumerate(order[self.rank::self.world_size]):
-                yield int(index), sample_seed(self.seed, epoch, self.rank, position)
+            groups = [0] * self.num_items if self.group_ids is None else self.group_ids[order].tolist()
+            for position, (index, group) in enumerate(zip(order.tolist(), groups)):
+                bucket = buckets.setdefault(group, [])
+                bucket.append((index, epoch, position))
+                if len(bucket) == self.step_batch:
+                    yield bucket
+                    buckets[group] = []
             epoch += 1
 
-    def _batches(self) -> Iterator[list[tuple[int, int]]]:
-        buckets: dict[int, list] = {}
-        for key in self._keys():
-            group = 0 if self.group_ids is None else int(self.group_ids[key[0]])
-            bucket = buckets.setdefault(group, [])
-            bucket.append(key)
-            if len(bucket) == self.batch_size:
-                yield list(bucket)
-                bucket.clear()
-
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        batches = self._batches()
-        for _ in range(self.start_iter):  # resume: the same stream, minus what was already trained on
-            next(batches)
-        yield from batches
+        size = self.batch_size
+        # resume: the same stream minus the steps already trained on; their seeds are never computed
+        for step in itertools.islice(self._step_batches(), self.start_step, None):
+            for m in range(self.accumulate):
+                start = (m * self.world_size + self.rank) * size
+                yield [(index, sample_seed(self.seed, epoch, 0, position))
+                       for index, epoch, position in step[start:start + size]]
 
 
 class InferenceBatchSampler(Sampler):
@@ -227,10 +287,16 @@ class InferenceBatchSampler(Sampler):
 
 
 def seed_worker(worker_id: int) -> None:
-    """Seed Python, NumPy and torch in a worker from the loader's per-epoch base seed."""
+    """Seed Python and NumPy in a worker from the loader's per-epoch base seed, and make it ignore SIGTERM/SIGUSR1.
+
+    A signal sent to the whole process group (SLURM, torchrun) would otherwise kill the workers first, and the main
+    process would fail with "DataLoader worker killed by signal" before it could save a checkpoint and stop.
+    """
     seed = torch.initial_seed() % 2 ** 32
     random.seed(seed)
     np.random.seed(seed)
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def build_dataset(cfg: DataConfig, split: str) -> DetectionDataset:
@@ -258,11 +324,16 @@ def _loader(dataset: DetectionDataset, batch_sampler: Sampler, cfg: DataConfig, 
 
 
 def build_train_loader(dataset: DetectionDataset, cfg: DataConfig, *, seed: int = 0, rank: int = 0,
-                       world_size: int = 1, start_iter: int = 0, pin_memory: bool = False) -> DataLoader:
-    """An endless loader of training `Batch`es (cfg.batch_size images per rank)."""
+                       world_size: int = 1, accumulate: int = 1, start_step: int = 0,
+                       pin_memory: bool = False) -> DataLoader:
+    """An endless loader of this rank's training micro-batches (`Batch`es of cfg.batch_size images).
+
+    One optimiser step consumes `accumulate` of them; `start_step` optimiser steps are skipped (resume). The
+    sampler (`loader.batch_sampler`, a TrainBatchSampler) gives the checkpoint's data position with `.state(n)`.
+    """
     groups = (dataset.coco.aspect_ratios < 1).astype(np.int64) if cfg.aspect_ratio_grouping else None
     sampler = TrainBatchSampler(len(dataset), cfg.batch_size, seed=seed, group_ids=groups, rank=rank,
-                                world_size=world_size, start_iter=start_iter)
+                                world_size=world_size, accumulate=accumulate, start_step=start_step)
     return _loader(dataset, sampler, cfg, seed, pin_memory)
 
 

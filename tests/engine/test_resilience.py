@@ -303,3 +303,23 @@ def test_classify_step_and_guard_counting():
     assert guard.rolled_back() == 0.5 and guard.consecutive == 0
     assert [guard.update("bad"), guard.update("bad")] == ["skip", "stop"]
     assert DivergenceGuard(DivergenceConfig(max_bad_steps=0)).update("bad") == "skip"  # 0: skip only, forever
+
+
+def test_the_dataset_fingerprint_ignores_paths_but_not_content(synth_root, tmp_path):
+    import shutil
+
+    from detkit.data.coco import CocoDataset
+    from detkit.data.fingerprint import dataset_fingerprint
+
+    annotations = synth_root / "annotations/instances_train.json"
+    moved = tmp_path / "elsewhere.json"
+    shutil.copy(annotations, moved)
+    a = dataset_fingerprint(CocoDataset.load(annotations, synth_root / "train"), filter_empty=True)
+    b = dataset_fingerprint(CocoDataset.load(moved, tmp_path / "images"), filter_empty=True)
+    assert a == b and a["images"] == 24
+    assert dataset_fingerprint(CocoDataset.load(moved, tmp_path), filter_empty=False) != a  # reader options count
+    data = json.loads(moved.read_text())
+    data["annotations"][0]["bbox"][0] += 1
+    moved.write_text(json.dumps(data))
+    assert dataset_fingerprint(CocoDataset.load(moved, tmp_path), filter_empty=True)["fingerprint"] \
+        != a["fingerprint"]
