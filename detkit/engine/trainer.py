@@ -16,8 +16,10 @@ from torch import nn
 
 from .. import __version__
 from ..config import Config, ConfigError, dump_yaml, to_dict
+from ..data.coco import DatasetError
 from ..data.fingerprint import dataset_fingerprint
 from ..data.loader import build_dataset, build_test_loader, build_train_loader
+from ..data.report import SkipLedger
 from ..modeling.build import build_model
 from .checkpoint import (DISK_FULL, CheckpointError, load_checkpoint, load_latest_good, non_finite_tensors,
                          remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
@@ -180,8 +182,12 @@ class Trainer:
         self.train_set = build_dataset(data, "train")
         report = self.train_set.coco.report
         if report.num_invalid:
-            logger.warning("training set: %s invalid records dropped (run `detkit check-data` for details)",
-                           f"{report.num_invalid:,}")
+            logger.warning("training set: %s invalid records dropped (listed in data_report.json; `detkit "
+                           "check-data` explains them)", f"{report.num_invalid:,}")
+        # what training leaves out: the reader's records now, images that fail to load as they are drawn
+        self.ledger = SkipLedger(len(self.train_set))
+        self.ledger.add_report(report)
+        self._new_skips: list = []
         num_classes = self.train_set.coco.num_classes
         if cfg.model.label_space != "dataset":
             raise ValueError("model.label_space coco91 is for inference with torchvision's weights; training "
@@ -249,7 +255,45 @@ class Trainer:
         self.writer.truncate_after(self.iteration if checkpoint is not None else -1)
         if self.dist.is_main:
             dump_yaml(cfg, self.out / "config.yaml")
+            if checkpoint is not None:
+                self._reload_skips()
+            self.ledger.write(self.out / "data_report.json")
         self._val = None
+
+    def _reload_skips(self) -> None:
+        """A resumed run keeps the unreadable images its first part found (they are not drawn again soon)."""
+        import json
+
+        try:
+            previous = json.loads((self.out / "data_report.json").read_text(encoding="utf-8"))
+            entries = previous.get("unreadable_images", [])
+            for e in entries:
+                self.ledger.add_skipped([(int(e["image_id"]), str(e["file_name"]), str(e["reason"]))] * int(e["count"]))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            pass  # no report or a damaged one: the skips are found again as the images are drawn
+
+    def _sync_skips(self) -> None:
+        """Gather the images that failed to load since the last call onto rank 0, update data_report.json, and stop
+        every rank when too many of the training images are unreadable."""
+        every = all_gather_objects(self._new_skips)
+        self._new_skips = []
+        stop = None
+        if self.dist.is_main:
+            before = self.ledger.num_unreadable_images
+            for entries in every:
+                self.ledger.add_skipped(entries)
+            if any(every):
+                self.ledger.write(self.out / "data_report.json")
+            fraction = self.cfg.data.max_unreadable_fraction
+            if self.ledger.too_many(fraction) and self.ledger.num_unreadable_images > before:
+                n, total = self.ledger.num_unreadable_images, self.ledger.num_images
+                stop = (f"{n} of the {total} training images ({n / total:.1%}) could not be read, more than "
+                        f"data.max_unreadable_fraction ({fraction:.0%}); they are listed in "
+                        f"{self.out / 'data_report.json'}. Check the dataset with `detkit check-data CONFIG` "
+                        "(it decodes every image), or raise the limit")
+        stop = broadcast_object(stop)
+        if stop is not None:
+            raise DatasetError(stop)
 
     def _choose_checkpoint(self, purpose: str = "resume from") -> tuple[Path, dict] | None:
         """The last good checkpoint of the run folder, chosen by rank 0 and loaded by every rank (the folder must
@@ -467,6 +511,8 @@ class Trainer:
             return stopped
         final_path = self.save("model_final.pth")
         logger.info("saved %s", final_path)
+        if self.dist.is_main and (self.ledger.num_unreadable_images or self.train_set.coco.report.num_invalid):
+            logger.warning("%s", self.ledger.summary(self.out / "data_report.json"))
         result = {}
         if self.cfg.data.val.annotations:
             result = self.evaluate(self.out / "eval")
@@ -520,6 +566,7 @@ class Trainer:
                                     refresh=False)
                     bar.update()
                 if self.iteration % rt.log_period == 0 or self.iteration == self.max_iter:
+                    self._sync_skips()
                     now = time.perf_counter()
                     speed = images_since_log / (now - last_log)
                     lr = self.optimizer.param_groups[0]["lr"]
@@ -547,6 +594,7 @@ class Trainer:
 
     def _stop(self, signal_name: str, saved_at: int | None) -> dict:
         """Save (unless this iteration was just saved), close the logs, and describe the stop."""
+        self._sync_skips()
         path = self.out / f"model_{self.iteration:07d}.pth"
         if saved_at != self.iteration or not path.is_file():
             path = self.save()
@@ -608,7 +656,9 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}  # loss terms x d_est (step normaliser), or means over micro-batches
         num_fg, num_images = torch.zeros((), device=self.device), 0
         for m in range(accumulate):
-            batch = next(data_iter).to(self.device, non_blocking=True)
+            batch = next(data_iter)
+            self._new_skips.extend(batch.skipped)
+            batch = batch.to(self.device, non_blocking=True)
             # DDP all-reduces gradients at the last micro-batch only
             sync = contextlib.nullcontext() if world == 1 or m == accumulate - 1 else self._train_model.no_sync()
             extra = {} if d_est is None else {"loss_normalizer": d_est}
