@@ -4,7 +4,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import statistics
+import time
 import warnings
 from collections import deque
 from pathlib import Path
@@ -27,6 +29,18 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
         if isinstance(record, dict) and isinstance(record.get("iteration"), int):
             records.append(record)
     return records
+
+
+def _wait_for_a_later_event_file_name(directory: Path) -> None:
+    """TensorBoard reads event files in name order, and a purge only hides the events of files read before it.
+    Names start with the creation second, then end in a per-process counter that does not sort numerically
+    ("...10" < "...9"): a file opened in the same second as an existing one could be read first. Waiting for the
+    next second (at most once per resume or rollback) puts the new file last."""
+    stamps = [int(m.group(1)) for f in directory.glob("events.out.tfevents.*")
+              if (m := re.match(r"events\.out\.tfevents\.(\d+)\.", f.name))]
+    newest = max(stamps, default=0)
+    while int(time.time()) <= newest < time.time() + 2:  # a file from the future (clock change) is not waited for
+        time.sleep(0.05)
 
 
 class MetricsWriter:
@@ -62,6 +76,8 @@ class MetricsWriter:
                     _warned_no_tensorboard = True
                 self._use_tensorboard = False
                 return None
+            if self._purge_step is not None:
+                _wait_for_a_later_event_file_name(self.output_dir / "tensorboard")
             self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self._purge_step)
         return self._tensorboard
 
