@@ -164,7 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .engine.distributed import shutdown
     from .engine.trainer import Trainer
 
-    if args.gpus < 0:
+    if args.gpus < 1:
         print("error: --gpus must be >= 1", file=sys.stderr)
         return 2
     if args.gpus > 1 and "LOCAL_RANK" not in os.environ:

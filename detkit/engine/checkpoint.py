@@ -334,8 +334,10 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
 
 
 def _process_alive(pid: int) -> bool:
+    # Our own pid counts as dead: this runs before this process saves anything, and after a container restart a
+    # new process often gets the pid of the one that was killed.
     if pid == os.getpid():
-        return True
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -26,10 +26,9 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame) -> None:
+        # only set the flag: logging here could re-enter a stream the interrupted code is writing to
         if self.signal_name is None:  # a second signal while stopping changes nothing
             self.signal_name = signal.Signals(signum).name
-            logger.warning("%s received: saving a checkpoint at the end of this step, then stopping",
-                           self.signal_name)
 
     def request(self, name: str) -> None:
         """Ask for a stop as if signal `name` had arrived (used to spread one rank's signal to all ranks)."""

@@ -238,6 +238,7 @@ class Trainer:
         self._failed_saves = 0
         self._step_kind = "ok"
         self._stop_request: StopRequest | None = None
+        self._stop_agreed: str | None = None  # a stop signal one of the ranks got, agreed on in the last step
 
         checkpoint = None
         if resume is True:
@@ -255,22 +256,8 @@ class Trainer:
         self.writer.truncate_after(self.iteration if checkpoint is not None else -1)
         if self.dist.is_main:
             dump_yaml(cfg, self.out / "config.yaml")
-            if checkpoint is not None:
-                self._reload_skips()
             self.ledger.write(self.out / "data_report.json")
         self._val = None
-
-    def _reload_skips(self) -> None:
-        """A resumed run keeps the unreadable images its first part found (they are not drawn again soon)."""
-        import json
-
-        try:
-            previous = json.loads((self.out / "data_report.json").read_text(encoding="utf-8"))
-            entries = previous.get("unreadable_images", [])
-            for e in entries:
-                self.ledger.add_skipped([(int(e["image_id"]), str(e["file_name"]), str(e["reason"]))] * int(e["count"]))
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
-            pass  # no report or a damaged one: the skips are found again as the images are drawn
 
     def _sync_skips(self) -> None:
         """Gather the images that failed to load since the last call onto rank 0, update data_report.json, and stop
@@ -279,13 +266,12 @@ class Trainer:
         self._new_skips = []
         stop = None
         if self.dist.is_main:
-            before = self.ledger.num_unreadable_images
             for entries in every:
                 self.ledger.add_skipped(entries)
             if any(every):
                 self.ledger.write(self.out / "data_report.json")
             fraction = self.cfg.data.max_unreadable_fraction
-            if self.ledger.too_many(fraction) and self.ledger.num_unreadable_images > before:
+            if self.ledger.too_many(fraction):
                 n, total = self.ledger.num_unreadable_images, self.ledger.num_images
                 stop = (f"{n} of the {total} training images ({n / total:.1%}) could not be read, more than "
                         f"data.max_unreadable_fraction ({fraction:.0%}); they are listed in "
@@ -318,11 +304,18 @@ class Trainer:
             raise CheckpointError(value)
         if kind == "none":
             return None
+        error = None
         if state is None:  # another rank: load the file rank 0 chose
-            if not Path(value).is_file():
-                raise CheckpointError(f"rank {self.dist.rank} cannot see {value}, which rank 0 resumes from: every "
-                                      "node must see the same run folder (a shared filesystem) to resume")
-            state = load_checkpoint(value)
+            try:
+                if not Path(value).is_file():
+                    raise CheckpointError(f"rank {self.dist.rank} cannot see {value}, which rank 0 chose: every node "
+                                          "must see the same run folder (a shared filesystem) to resume or roll back")
+                state = load_checkpoint(value)
+            except (CheckpointError, OSError) as e:
+                error = str(e)
+        errors = [e for e in all_gather_objects(error) if e is not None]
+        if errors:  # raised on every rank, so none waits for the others in a collective
+            raise CheckpointError("; ".join(errors))
         return Path(value), state
 
     # -- checkpoints ---------------------------------------------------------------------------------------
@@ -343,7 +336,9 @@ class Trainer:
                 "data": {"scheme": 2, "seed": self.cfg.runtime.seed, "step_batch": self.step_batch,
                          "steps_consumed": self.data_position},
                 "dataset": dict(self.dataset_info), "world_size": self.dist.world_size,
-                "rollbacks": self.guard.rollbacks, "lr_scale": self.guard.lr_scale}
+                "rollbacks": self.guard.rollbacks, "lr_scale": self.guard.lr_scale,
+                "bad_streak": self.guard.consecutive,
+                "unreadable_images": [dict(e) for e in self.ledger.unreadable.values()]}
 
     def save(self, name: str | None = None) -> Path:
         """Write a checkpoint (default `model_{iteration}.pth`) and its checksum, keeping the last K.
@@ -353,6 +348,7 @@ class Trainer:
             OSError: the write failed; the previous checkpoint is intact.
         """
         path = self.out / (name or f"model_{self.iteration:07d}.pth")
+        self._sync_skips()  # the checkpoint's ledger covers every step it covers
         state = self.state_dict()
         failure = None
         if self.dist.is_main:  # rank 0 writes; every rank then raises the same error, so all take the same path
@@ -369,8 +365,9 @@ class Trainer:
             raise failure
         return path
 
-    def _save_periodic(self) -> None:
-        """A periodic save: a full disk is survived (the previous checkpoint stays) until it fails repeatedly."""
+    def _save_periodic(self) -> bool:
+        """A periodic save: a full disk is survived (the previous checkpoint stays) until it fails repeatedly.
+        Returns whether the checkpoint was written (the same answer on every rank)."""
         try:
             self.save()
         except OSError as e:
@@ -383,8 +380,9 @@ class Trainer:
             if self._failed_saves >= MAX_FAILED_SAVES:
                 raise OSError(e.errno, f"{MAX_FAILED_SAVES} checkpoint saves in a row failed ({e.strerror}); "
                               f"free space in {self.out} and resume with --resume") from e
-        else:
-            self._failed_saves = 0
+            return False
+        self._failed_saves = 0
+        return True
 
     def _load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -414,6 +412,10 @@ class Trainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.guard = DivergenceGuard(self.cfg.solver.divergence, int(state.get("rollbacks", 0)),
                                      float(state.get("lr_scale", 1.0)))
+        self.guard.consecutive = int(state.get("bad_streak", 0))
+        # the images found unreadable up to the checkpoint (later ones are drawn again and found again)
+        for e in state.get("unreadable_images", []):
+            self.ledger.add_skipped([(int(e["image_id"]), str(e["file_name"]), str(e["reason"]))] * int(e["count"]))
         if self.guard.lr_scale != 1.0:
             self._apply_lr_scale()
         data_state = state.get("data")
@@ -579,14 +581,14 @@ class Trainer:
                     last_log, images_since_log = now, 0
                 if rt.checkpoint_period and self.iteration % rt.checkpoint_period == 0 \
                         and self.iteration < self.max_iter:
-                    self._save_or_roll_back()
-                    saved_at = self.iteration
+                    saved_at = self.iteration if self._save_or_roll_back() else None
                 if cfg.eval.period and self.iteration % cfg.eval.period == 0 and self.iteration < self.max_iter \
                         and cfg.data.val.annotations:
                     values = self._log_evaluation(self.evaluate())
                     logger.info("iteration %d: bbox AP %.4f", self.iteration, values.get("bbox/AP", float("nan")))
-                if stop.signal_name is not None and self.iteration < self.max_iter:
-                    return self._stop(stop.signal_name, saved_at)
+                # the stop every rank agreed on in this step's all-reduce (a signal arriving later counts next step)
+                if self._stop_agreed is not None and self.iteration < self.max_iter:
+                    return self._stop(self._stop_agreed, saved_at)
         finally:
             if bar is not None:
                 bar.close()
@@ -594,32 +596,42 @@ class Trainer:
 
     def _stop(self, signal_name: str, saved_at: int | None) -> dict:
         """Save (unless this iteration was just saved), close the logs, and describe the stop."""
-        self._sync_skips()
+        logger.warning("%s received: saving a checkpoint, then stopping", signal_name)
         path = self.out / f"model_{self.iteration:07d}.pth"
-        if saved_at != self.iteration or not path.is_file():
+        if saved_at != self.iteration:
             path = self.save()
+        self._sync_skips()
         self.writer.close()
         logger.warning("stopped by %s at iteration %d/%d; checkpoint %s; continue with --resume", signal_name,
                        self.iteration, self.max_iter, path.name)
         return {"stopped": signal_name, "iteration": self.iteration, "checkpoint": str(path)}
 
-    def _save_or_roll_back(self) -> None:
+    def _save_or_roll_back(self) -> bool:
+        """A periodic save; weights that became non-finite are never saved and count as divergence. Returns
+        whether the checkpoint was written."""
         try:
-            self._save_periodic()
+            return self._save_periodic()
         except NonFiniteStateError as e:
-            # finite losses but non-finite weights (e.g. an overflow in a buffer): never saved, treated as divergence
+            # finite losses but non-finite weights (e.g. an overflow in a buffer): training cannot go on from here
             logger.error("iteration %d: %s", self.iteration, e)
-            self._rollback("stop" if self.guard.rollbacks >= self.cfg.solver.divergence.max_rollbacks
-                           else "rollback")
+            div = self.cfg.solver.divergence
+            can_roll_back = div.max_bad_steps > 0 and self.guard.rollbacks < div.max_rollbacks
+            self._rollback("rollback" if can_roll_back else "stop", "the weights became non-finite")
+            return False
 
-    def _rollback(self, action: str) -> None:
-        """Go back to the last good checkpoint (action "rollback") or stop with an explanation ("stop")."""
+    def _rollback(self, action: str, reason: str = "") -> None:
+        """Go back to the last good checkpoint (action "rollback") or stop with an explanation ("stop").
+
+        Args:
+            reason: what went wrong, for the messages (default: the guard's count of non-finite steps).
+        """
         div = self.cfg.solver.divergence
         bad_at = self.iteration
+        reason = reason or f"{self.guard.consecutive} consecutive non-finite steps"
         if action == "stop":
             raise DivergenceError(
-                f"training diverged at iteration {bad_at}: {self.guard.consecutive} consecutive non-finite steps "
-                f"after {self.guard.rollbacks} rollbacks (solver.divergence.max_rollbacks: {div.max_rollbacks}). "
+                f"training diverged at iteration {bad_at}: {reason} after {self.guard.rollbacks} rollbacks "
+                f"(solver.divergence.max_bad_steps: {div.max_bad_steps}, max_rollbacks: {div.max_rollbacks}). "
                 f"The last good checkpoint is in {self.out}; lower solver.base_lr, lengthen solver.warmup_iters or "
                 "set solver.clip_grad_norm, then resume with --resume")
         try:
@@ -636,9 +648,9 @@ class Trainer:
         scale = self.guard.rolled_back()
         self._apply_lr_scale()
         self.writer.truncate_after(self.iteration)
-        logger.warning("iteration %d: %d consecutive non-finite steps; rolled back to %s (iteration %d), learning "
-                       "rate x%g (rollback %d of %d); the batches that diverged are not replayed", bad_at,
-                       div.max_bad_steps, path.name, self.iteration, scale, self.guard.rollbacks, div.max_rollbacks)
+        logger.warning("iteration %d: %s; rolled back to %s (iteration %d), learning rate x%g (rollback %d of %d); "
+                       "the batches that diverged are not replayed", bad_at, reason, path.name, self.iteration, scale,
+                       self.guard.rollbacks, div.max_rollbacks)
 
     def _step(self, data_iter) -> dict[str, float]:
         """One optimiser step over `accumulate` micro-batches (on every rank); returns its losses as floats, averaged
@@ -710,8 +722,7 @@ class Trainer:
         if d_est is not None:
             values["loss"] = sum(v for k, v in values.items() if k.startswith("loss"))
         values["grad_norm"] = numbers[-1]
-        if stop is not None and stop.signal_name is None and (numbers[-3] or numbers[-2]):
-            stop.request("SIGUSR1" if numbers[-2] else "SIGTERM")  # another rank was signalled
+        self._stop_agreed = "SIGUSR1" if numbers[-2] else "SIGTERM" if numbers[-3] else None
         self._step_kind = classify_step(math.isfinite(values["loss"]), math.isfinite(values["grad_norm"]),
                                         self.scaler.is_enabled())
         if self._step_kind == "ok":

@@ -250,16 +250,17 @@ def test_stale_temporaries_and_orphan_sidecars_are_removed(tmp_path):
     from detkit.engine.checkpoint import remove_stale_temporaries
 
     dead = tmp_path / ".model_0000004.pth.999999999.tmp"  # no such pid
-    live = tmp_path / f".model_0000006.pth.{os.getpid()}.tmp"
+    mine = tmp_path / f".model_0000005.pth.{os.getpid()}.tmp"  # a killed run whose pid this process now has
+    live = tmp_path / f".model_0000006.pth.{os.getppid()}.tmp"  # a live process may still be writing it
     orphan = tmp_path / "model_0000008.pth.sha256"
-    for p in (dead, live, orphan):
+    for p in (dead, mine, live, orphan):
         p.write_bytes(b"x")
     save_checkpoint(tmp_path / "model_0000002.pth", {"iteration": 2})
-    old = tmp_path / f".model_0000010.pth.{os.getpid()}.tmp"
+    old = tmp_path / f".model_0000010.pth.{os.getppid()}.tmp"
     old.write_bytes(b"x")
     os.utime(old, (1, 1))  # a day-old temporary file is stale whoever holds its pid
     removed = remove_stale_temporaries(tmp_path)
-    assert sorted(p.name for p in removed) == sorted([dead.name, orphan.name, old.name])
+    assert sorted(p.name for p in removed) == sorted([dead.name, mine.name, orphan.name, old.name])
     assert live.exists() and (tmp_path / "model_0000002.pth.sha256").exists()
 
 
