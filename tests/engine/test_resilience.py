@@ -86,6 +86,7 @@ def test_checkpoint_records_data_position_dataset_and_version(straight_run):
     assert state["dataset"]["images"] == 24 and len(state["dataset"]["fingerprint"]) == 64
     assert state["detkit_version"] == __version__ and state["world_size"] == 1
     assert state["rollbacks"] == 0 and state["lr_scale"] == 1.0 and state["iteration"] == 6
+    assert state["bad_streak"] == 0 and state["unreadable_images"] == []
 
 
 def test_resume_refuses_a_changed_config_and_names_the_keys(synth_root, tmp_path, caplog):
@@ -323,3 +324,21 @@ def test_the_dataset_fingerprint_ignores_paths_but_not_content(synth_root, tmp_p
     moved.write_text(json.dumps(data))
     assert dataset_fingerprint(CocoDataset.load(moved, tmp_path), filter_empty=True)["fingerprint"] \
         != a["fingerprint"]
+
+
+def test_a_signal_after_the_steps_agreement_stops_at_the_next_step(synth_root, tmp_path, monkeypatch):
+    """Every rank stops at the step whose all-reduce carried the signal: one arriving later (here during the
+    optimiser update of iteration 3) is carried by iteration 4's."""
+    trainer = Trainer(fast_config(synth_root, tmp_path), progress=False)
+    optimizer_step = trainer.optimizer.step
+
+    def step_then_signal(*args, **kwargs):
+        result = optimizer_step(*args, **kwargs)
+        if trainer.iteration == 2:  # inside iteration 3, after its all-reduce
+            handler = signal.getsignal(signal.SIGTERM)
+            assert getattr(handler, "__self__", None).__class__.__name__ == "StopRequest"  # or pytest would die
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(trainer.optimizer, "step", step_then_signal)
+    assert trainer.train()["iteration"] == 4
