@@ -169,6 +169,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 2
     if args.gpus > 1 and "LOCAL_RANK" not in os.environ:
         return _launch_on_gpus(args)
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume key=value`: argparse took an override for the optional checkpoint path
+        args.overrides.append(args.resume)
+        args.resume = True
     cfg = _load_config(args)
     if args.output_dir:
         cfg.runtime.output_dir = args.output_dir

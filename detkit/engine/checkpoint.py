@@ -132,10 +132,12 @@ class _HashingWriter:
 def save_checkpoint(path: str | Path, state: dict[str, Any], keep_last: int = 0) -> None:
     """Write `state` to `path` atomically with its checksum, then point `last_checkpoint` in the same folder at it.
 
-    Order of the writes, each atomic (temporary file, fsync, rename): the data to a temporary file; its sha256 to
-    `path.sha256` (`sha256sum -c` format); the data renamed to `path`; the pointer. A crash at any moment leaves
-    the previous checkpoint and pointer intact, and a file that changes after it was written no longer matches its
-    checksum, so `load_checkpoint` detects it.
+    Order of the writes, each atomic (temporary file, fsync, rename): the data to a temporary file, hashed as it
+    is written; the checksum of any older file of the same name removed; the data renamed to `path`; its sha256
+    to `path.sha256` (`sha256sum -c` format); the pointer. A crash at any moment leaves the previous checkpoint and
+    pointer intact; a file never carries another file's checksum (at worst, right after a crash, a complete file
+    has none and loads unverified), and a file that changes after it was written no longer matches its checksum,
+    so `load_checkpoint` detects it.
 
     Args:
         path: the file to write, usually `<output_dir>/model_{iteration:07d}.pth`.
@@ -163,10 +165,11 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], keep_last: int = 0)
                 raise stream.error from None
             raise
 
-    def write_digest(tmp: Path) -> None:
-        write_bytes_atomic(f"{stream.sha256.hexdigest()}  {path.name}\n".encode(), digest_path(path))
+    def drop_old_digest(tmp: Path) -> None:  # an older file of this name (e.g. model_final.pth) loses its checksum
+        digest_path(path).unlink(missing_ok=True)
 
-    write_atomic(path, write, before_rename=write_digest)
+    write_atomic(path, write, before_rename=drop_old_digest)
+    write_bytes_atomic(f"{stream.sha256.hexdigest()}  {path.name}\n".encode(), digest_path(path))
     _fsync_dir(path.parent)  # the checkpoint's rename must be on disk before the pointer names it
     write_bytes_atomic(path.name.encode(), path.parent / POINTER)
     _fsync_dir(path.parent)
@@ -268,6 +271,8 @@ def checkpoint_candidates(directory: str | Path) -> list[Path]:
         # A bare file name only: a pointer must not lead outside the run folder.
         if name and Path(name).name == name and name not in (".", "..") and (directory / name).is_file():
             found.append(directory / name)
+        else:
+            logger.warning("%s names %r, which is not a file in %s; ignoring it", POINTER, name[:200], directory)
     if (directory / FINAL).is_file():
         found.append(directory / FINAL)
     numbered = [p for p in directory.glob("model_*.pth") if _iteration(p) is not None and p.is_file()]

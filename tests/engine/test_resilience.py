@@ -342,3 +342,13 @@ def test_a_signal_after_the_steps_agreement_stops_at_the_next_step(synth_root, t
 
     monkeypatch.setattr(trainer.optimizer, "step", step_then_signal)
     assert trainer.train()["iteration"] == 4
+
+
+def test_resume_followed_by_an_override_resumes_the_run_folder(synth_root, tmp_path, capsys):
+    cfg = fast_config(synth_root, tmp_path / "run")
+    cfg.solver.max_length = 2
+    dump_yaml(cfg, tmp_path / "cfg.yaml")
+    Trainer(cfg, progress=False).save()
+    assert main(["train", str(tmp_path / "cfg.yaml"), "--resume", "runtime.log_period=2", "--no-progress"]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines] == [2]  # the override applied: one line per 2 iterations
