@@ -404,6 +404,12 @@ def _nothing(what: str) -> Callable[[Path], str]:
 
 
 # -- the report ------------------------------------------------------------------------------------------------
+def _rows(results) -> list[str]:
+    """One markdown table row per result, in the tables' column order."""
+    return ["| " + " | ".join(_cell(x) for x in (r.case, r.kill_rc, r.on_disk, r.resume_rc, r.resume_did,
+                                                 r.identical, r.seconds)) + " |" for r in results]
+
+
 def _cell(value: object) -> str:
     return str("" if value is None else value).replace("|", "\\|").replace("\n", " / ")
 
@@ -446,8 +452,7 @@ def report(bench: Bench, kills: list[Row], faults: list[Row], wall: float, quick
         "| case | kill rc | on disk after the kill | resume rc | what resume did (log) | bit-identical | seconds |",
         "|---|---:|---|---:|---|---|---:|",
     ]
-    lines += ["| " + " | ".join(_cell(x) for x in (r.case, r.kill_rc, r.on_disk, r.resume_rc, r.resume_did,
-                                                    r.identical, r.seconds)) + " |" for r in kills]
+    lines += _rows(kills)
     lines += [
         "",
         "## Faults in the run folder",
@@ -459,8 +464,7 @@ def report(bench: Bench, kills: list[Row], faults: list[Row], wall: float, quick
         "| bit-identical | seconds |",
         "|---|---|---|---:|---|---|---:|",
     ]
-    lines += ["| " + " | ".join(_cell(x) for x in (r.case, r.kill_rc, r.on_disk, r.resume_rc, r.resume_did,
-                                                    r.identical, r.seconds)) + " |" for r in faults]
+    lines += _rows(faults)
     lines += [
         "",
         "Not covered here (in-process tests in `tests/engine/test_resilience.py` and `test_checkpoint.py`): a full "

@@ -1,4 +1,4 @@
-"""Small training configs on the session's synthetic dataset, shared by the engine tests."""
+"""Small training configs on the session's synthetic dataset, and file damage, shared by the engine tests."""
 from detkit.config import Config, from_dict
 
 
@@ -44,3 +44,20 @@ def exact_config(root, out, *, val=False, **solver):
     cfg.data.test_transform.mode, cfg.data.test_transform.output_size = "scale_jitter", 128
     cfg.runtime.checkpoint_period = 1000
     return cfg
+
+
+def damage_file(path, how):
+    """Damage a checkpoint as disks, copies and crashes do: "truncated" (half), "zero" (empty), "bitflip" (one bit
+    at 60 % of the file, inside the tensor data, which torch alone would load) or "garbage"."""
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "zero":
+        path.write_bytes(b"")
+    elif how == "bitflip":
+        i = int(len(data) * 0.6)
+        path.write_bytes(data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1:])
+    elif how == "garbage":
+        path.write_bytes(bytes(range(256)) * 8)
+    else:
+        raise ValueError(how)

@@ -9,6 +9,7 @@ import torch
 from detkit.config.schema import SolverConfig
 from detkit.engine import (CheckpointError, build_optimizer, build_scheduler, find_last_checkpoint, load_checkpoint,
                            rng_state, save_checkpoint, set_rng_state)
+from run_configs import damage_file
 
 
 def _draw():
@@ -134,20 +135,10 @@ def test_find_last_checkpoint(tmp_path):
 
 
 def _damage(path, how):
-    data = path.read_bytes()
-    if how == "truncated":
-        path.write_bytes(data[: len(data) // 2])
-    elif how == "zero":
-        path.write_bytes(b"")
-    elif how == "bitflip":  # one bit in the middle of the tensor data: torch alone would load it
-        i = int(len(data) * 0.6)
-        path.write_bytes(data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1:])
-    elif how == "garbage":
-        path.write_bytes(bytes(range(256)) * 8)
-    elif how == "pickle":  # replaced by a file that would run code; it has the old checksum
+    if how == "pickle":  # replaced by a file that would run code; it has the old checksum
         torch.save({"payload": _Payload(str(path) + ".ran")}, path)
     else:
-        raise ValueError(how)
+        damage_file(path, how)
 
 
 def test_digest_sidecar_is_written_and_checked(tmp_path):

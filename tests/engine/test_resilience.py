@@ -13,7 +13,7 @@ from detkit.cli import main
 from detkit.config import dump_yaml
 from detkit.engine.divergence import DivergenceError
 from detkit.engine.trainer import ResumeMismatchError, Trainer
-from run_configs import fast_config
+from run_configs import damage_file, fast_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -49,24 +49,13 @@ def _assert_same_weights(expected, model):
         assert torch.equal(value, expected[name]), name
 
 
-def _damage(path, how):
-    data = path.read_bytes()
-    if how == "truncated":
-        path.write_bytes(data[: len(data) // 3])
-    elif how == "zero":
-        path.write_bytes(b"")
-    else:
-        i = int(len(data) * 0.6)
-        path.write_bytes(data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1:])
-
-
 @pytest.mark.parametrize("how", ["truncated", "zero", "bitflip"])
 def test_a_damaged_latest_checkpoint_falls_back_and_stays_bit_identical(synth_root, tmp_path, monkeypatch, caplog,
                                                                          straight_run, how):
     cfg = fast_config(synth_root, tmp_path)
     _interrupt_after(Trainer(cfg, progress=False), monkeypatch, 6)
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000006.pth"
-    _damage(tmp_path / "model_0000006.pth", how)
+    damage_file(tmp_path / "model_0000006.pth", how)
     monkeypatch.undo()
     resumed = Trainer(cfg, resume=True, progress=False)
     assert resumed.iteration == 4
