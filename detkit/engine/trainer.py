@@ -1,7 +1,6 @@
 """The training loop: data, model, optimiser, schedule, AMP, checkpoints, evaluation and logging, top to bottom."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -23,10 +22,11 @@ from ..data.report import SkipLedger
 from ..modeling.build import build_model
 from .checkpoint import (DISK_FULL, CheckpointError, load_checkpoint, load_latest_good, non_finite_tensors,
                          remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
-from .distributed import all_gather_objects, all_reduce_sum, broadcast_object, init_distributed, prepare_model
-from .divergence import DivergenceError, DivergenceGuard, classify_step
-from .inference import autocast, evaluate_model
+from .distributed import all_gather_objects, broadcast_object, init_distributed, prepare_model
+from .divergence import DivergenceError, DivergenceGuard
+from .inference import evaluate_model
 from .signals import StopRequest
+from .train_step import TrainStep
 from .metrics import MetricMeter, MetricsWriter, plot_loss_curve
 from .optim import build_optimizer
 from .schedule import build_scheduler, iterations, scaled_lr
@@ -218,8 +218,8 @@ class Trainer:
         self._train_model, self.model = prepare_model(self.model, self.dist, rt, self.device)
         # RetinaNet's loss normaliser can span the whole step (all micro-batches and ranks): accumulation and DDP
         # then give the same update as one big batch
-        self._step_normalized = ((solver.accumulate > 1 or self.dist.world_size > 1)
-                                 and hasattr(self.model, "step_normalizer"))
+        multi_batch_step = solver.accumulate > 1 or self.dist.world_size > 1
+        step_normalized = multi_batch_step and hasattr(self.model, "step_normalizer")
 
         # one optimiser step sees batch_size x accumulate images x ranks
         self.total_batch = data.batch_size * solver.accumulate * self.dist.world_size
@@ -230,6 +230,10 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, solver, self.iters_per_epoch)
         self._base_lrs = list(self.scheduler.base_lrs)  # before any rollback's lowering
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=rt.amp == "fp16")
+        self.train_step = TrainStep(self._train_model, self.model, self.optimizer, self.scheduler, self.scaler,
+                                    device=self.device, amp=rt.amp, accumulate=solver.accumulate,
+                                    clip_grad_norm=solver.clip_grad_norm, world_size=self.dist.world_size,
+                                    step_normalized=step_normalized)
         self.iteration, self.best_metric, self.skipped_steps = 0, None, 0
         # optimiser steps' worth of batches taken from the data stream: the iteration, until a rollback rewinds
         # the iteration but lets the data move on past the batches that diverged
@@ -653,87 +657,15 @@ class Trainer:
                        self.guard.rollbacks, div.max_rollbacks)
 
     def _step(self, data_iter) -> dict[str, float]:
-        """One optimiser step over `accumulate` micro-batches (on every rank); returns its losses as floats, averaged
-        over ranks ({} when skipped).
+        """One optimiser step (see `TrainStep`); returns its losses as floats, averaged over ranks ({} when skipped).
 
-        Sets `self._step_kind` to "ok", "overflow" (fp16 gradients overflowed; the scaler recalibrates) or "bad"
-        (a non-finite loss or gradient: the step is skipped). One all-reduce per step carries the losses and any
-        stop request, so every rank takes the same decisions.
+        Sets `self._step_kind` ("ok", "overflow", "bad") and `self._stop_agreed` (a stop signal any rank got).
         """
-        solver, amp = self.cfg.solver, self.cfg.runtime.amp
-        world, accumulate = self.dist.world_size, solver.accumulate
-        # with the step normaliser each micro-batch's loss is divided by an estimate and the gradients are rescaled
-        # to the whole step's normaliser once it is known
-        d_est = self.model.normalizer_estimate() if self._step_normalized else None
-        sums: dict[str, torch.Tensor] = {}  # loss terms x d_est (step normaliser), or means over micro-batches
-        num_fg, num_images = torch.zeros((), device=self.device), 0
-        for m in range(accumulate):
-            batch = next(data_iter)
-            self._new_skips.extend(batch.skipped)
-            batch = batch.to(self.device, non_blocking=True)
-            # DDP all-reduces gradients at the last micro-batch only
-            sync = contextlib.nullcontext() if world == 1 or m == accumulate - 1 else self._train_model.no_sync()
-            extra = {} if d_est is None else {"loss_normalizer": d_est}
-            with sync:
-                with autocast(self.device, amp):
-                    losses = self._train_model(batch.images, batch.image_sizes, batch.targets,
-                                               image_scales=batch.image_scales, **extra)
-                loss = sum(v for k, v in losses.items() if k.startswith("loss"))
-                if d_est is None:
-                    loss = loss / accumulate
-                self.scaler.scale(loss).backward()
-            if d_est is None:
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float() / accumulate
-                sums["loss"] = sums.get("loss", 0) + loss.detach().float()
-            else:
-                num_fg = num_fg + losses["num_fg_total"].float()
-                num_images += len(batch)
-                for k, v in losses.items():
-                    if k.startswith("loss"):
-                        sums[k] = sums.get(k, 0) + v.detach().float() * d_est
-                    elif k != "num_fg_total":
-                        sums[k] = sums.get(k, 0) + v.detach().float() / accumulate
-        names = list(sums)
-        stop = self._stop_request
-        stop_flags = [float(stop is not None and stop.signal_name == n) for n in ("SIGTERM", "SIGUSR1")]
-        packed = torch.stack([torch.as_tensor(sums[k], device=self.device).float() for k in names]
-                             + [num_fg.float(), torch.tensor(float(num_images), device=self.device),
-                                torch.tensor(stop_flags, device=self.device)[0],
-                                torch.tensor(stop_flags, device=self.device)[1]])
-        packed = all_reduce_sum(packed)  # no-op in one process
-        if d_est is None:
-            means = packed[:len(names)] / world
-        else:
-            d_true = self.model.step_normalizer(packed[len(names)], packed[len(names) + 1])
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            # DDP averaged the gradients over ranks; the step's loss is their sum over d_true
-            torch._foreach_mul_(grads, (d_est * world / d_true).to(grads[0].dtype))
-            is_loss = torch.tensor([k.startswith("loss") for k in names], device=self.device)
-            means = torch.where(is_loss, packed[:len(names)] / d_true, packed[:len(names)] / world)
-        if self.scaler.is_enabled():
-            self.scaler.unscale_(self.optimizer)
-        # the global gradient norm (clipped to solver.clip_grad_norm when set) also tells a NaN gradient apart
-        max_norm = solver.clip_grad_norm if solver.clip_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        # one host sync per step, for logging, the finiteness check and stop requests
-        numbers = torch.cat([means, packed[-2:], grad_norm.reshape(1).float()]).tolist()
-        values = dict(zip(names, numbers[:len(names)]))
-        if d_est is not None:
-            values["loss"] = sum(v for k, v in values.items() if k.startswith("loss"))
-        values["grad_norm"] = numbers[-1]
-        self._stop_agreed = "SIGUSR1" if numbers[-2] else "SIGTERM" if numbers[-3] else None
-        self._step_kind = classify_step(math.isfinite(values["loss"]), math.isfinite(values["grad_norm"]),
-                                        self.scaler.is_enabled())
-        if self._step_kind == "ok":
-            self.scaler.step(self.optimizer)
-        else:
-            # a non-finite loss or gradient must not reach the weights: skip the step and count it (with fp16 the
-            # scaler also lowers its scale)
+        stop = self._stop_request.signal_name if self._stop_request is not None else None
+        result = self.train_step(data_iter, stop=stop, on_batch=lambda batch: self._new_skips.extend(batch.skipped))
+        self._step_kind, self._stop_agreed = result.kind, result.stop
+        if result.kind != "ok":
             self.skipped_steps += 1
-            logger.warning("iteration %d: non-finite loss or gradient %s, step skipped", self.iteration + 1, values)
-            values = {}
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return values
+            logger.warning("iteration %d: non-finite loss or gradient %s, step skipped", self.iteration + 1,
+                           result.raw)
+        return result.values

@@ -11,7 +11,7 @@ from run_configs import exact_config
 def _train(cfg, step_normalized=None):
     trainer = Trainer(cfg, progress=False)
     if step_normalized is not None:
-        trainer._step_normalized = step_normalized
+        trainer.train_step.step_normalized = step_normalized
     trainer.train()
     lines = [json.loads(x) for x in (trainer.out / "metrics.jsonl").read_text().splitlines()]
     return {k: v.clone() for k, v in trainer.model.state_dict().items()}, [x["loss"] for x in lines if "loss" in x]
