@@ -511,6 +511,7 @@ class RuntimeConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False  # NHWC weights and activations: faster convolutions on recent CPUs and GPUs
+    fold_bn: bool = True  # inference (eval, predict, benchmark): merge frozen batch norms into their convolutions
     output_dir: str = "runs/default"
     log_period: int = 20
     checkpoint_period: int = 5000

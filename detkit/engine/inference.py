@@ -164,4 +164,11 @@ def load_detector(cfg, weights: str, device: torch.device) -> tuple[nn.Module, l
     if report.unexpected or any(not k.endswith("loss_normalizer") for k in report.missing):
         raise WeightsError(f"{weights} does not fit this config (was it trained with another one?):\n"
                            f"{report.summary()}")
-    return model.to(device).eval(), categories
+    model = model.to(device).eval()
+    if cfg.runtime.fold_bn:
+        from ..modeling.fold import fold_batchnorms
+
+        fold_batchnorms(model)
+    if cfg.runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, categories

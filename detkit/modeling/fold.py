@@ -1,0 +1,73 @@
+"""Fold batch norms into the convolutions before them, for inference: one multiply-add fewer per layer.
+
+A frozen (or eval-mode) batch norm after a convolution computes `y * scale + shift` with constants, which is the same
+as a convolution with weights `w * scale` and bias `b * scale + shift`. Folding changes the model's state-dict keys,
+so it is for inference models only (`load_detector`); checkpoints are never written from a folded model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .backbones.resnet import BasicBlock, Bottleneck, ResNet
+from .norm import FrozenBatchNorm2d
+
+_BATCH_NORMS = (FrozenBatchNorm2d, nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+@dataclass
+class FoldReport:
+    folded: int  # norm layers merged into their convolution
+    kept: int  # norm layers left as they are (pre-activation, GroupNorm, training-mode BN, no conv before them)
+
+
+def _pairs(model: nn.Module):
+    """(parent, conv attribute, norm attribute) for every norm that directly follows a convolution: the post-
+    activation ResNet stem, blocks and projection shortcuts (v1 `pytorch` and `caffe`; TridentNet's blocks are
+    Bottlenecks with a shared-weight conv). Pre-activation (v2) norms come before their convs and are not folded."""
+    for module in model.modules():
+        if isinstance(module, ResNet) and not module.preact:
+            yield module, "conv1", "bn1"
+        elif isinstance(module, (BasicBlock, Bottleneck)):
+            for i in (1, 2, 3):
+                if hasattr(module, f"conv{i}"):
+                    yield module, f"conv{i}", f"bn{i}"
+            shortcut = getattr(module, "downsample", None)
+            if isinstance(shortcut, nn.Sequential) and len(shortcut) == 2:
+                yield shortcut, "0", "1"
+
+
+def _foldable(norm: nn.Module) -> bool:
+    if isinstance(norm, FrozenBatchNorm2d):
+        return True
+    return isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm)) and not norm.training \
+        and norm.track_running_stats and norm.running_mean is not None
+
+
+@torch.no_grad()
+def fold_batchnorms(model: nn.Module) -> FoldReport:
+    """Merge every frozen or eval-mode batch norm that follows a convolution into it, in place.
+
+    Returns:
+        How many norm layers were folded and how many were kept.
+    """
+    folded = 0
+    for parent, conv_name, norm_name in list(_pairs(model)):
+        conv, norm = getattr(parent, conv_name), getattr(parent, norm_name)
+        if not isinstance(conv, nn.Conv2d) or not _foldable(norm):
+            continue
+        weight = norm.weight if norm.weight is not None else torch.ones_like(norm.running_var)
+        bias = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_mean)
+        scale = weight.float() * (norm.running_var.float() + norm.eps).rsqrt()
+        shift = bias.float() - norm.running_mean.float() * scale
+        new_weight = conv.weight.float() * scale.view(-1, 1, 1, 1)
+        new_bias = shift if conv.bias is None else conv.bias.float() * scale + shift
+        # new Parameters: a weight another module shares (TridentNet's branches share one conv) stays intact
+        conv.weight = nn.Parameter(new_weight.to(conv.weight.dtype), requires_grad=False)
+        conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype), requires_grad=False)
+        setattr(parent, norm_name, nn.Identity())
+        folded += 1
+    kept = sum(isinstance(m, (*_BATCH_NORMS, nn.GroupNorm)) for m in model.modules())
+    return FoldReport(folded, kept)

@@ -1,0 +1,67 @@
+"""Folding frozen batch norms into their convolutions changes no output."""
+import pytest
+import torch
+from torch import nn
+
+from detkit.config import Config, from_dict
+from detkit.modeling.build import build_model
+from detkit.modeling.fold import fold_batchnorms
+from detkit.modeling.norm import FrozenBatchNorm2d
+
+
+def _randomise_norms(model):
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)):
+            n = m.num_features
+            m.weight.data = torch.rand(n, generator=g) + 0.5
+            m.bias.data = torch.randn(n, generator=g) * 0.1
+            m.running_mean.data = torch.randn(n, generator=g) * 0.1
+            m.running_var.data = torch.rand(n, generator=g) + 0.5
+
+
+def _model(arch, style, norm, **extra):
+    model = {"arch": arch, "backbone": {"depth": 50, "style": style, "norm": norm, "freeze_at": 2},
+             "fpn": {"out_channels": 32}, "retinanet": {"head_width": 32, "num_convs": 1}, **extra}
+    if arch == "faster_rcnn":
+        model["roi_heads"] = {"fc_dim": 64}
+    cfg = from_dict(Config, {"model": model})
+    torch.manual_seed(0)
+    return build_model(cfg.model, 3)
+
+
+@pytest.mark.parametrize("arch, style, norm, folds", [
+    ("retinanet", "pytorch", "FrozenBN", 53),  # stem + 16 blocks x 3 + 4 projections
+    ("retinanet", "caffe", "BN", 53),  # trainable BN in eval mode folds too
+    ("faster_rcnn", "pytorch", "FrozenBN", 53),
+])
+def test_folding_changes_no_output(arch, style, norm, folds):
+    model = _model(arch, style, norm)
+    _randomise_norms(model)
+    model.eval()
+    images = torch.randint(0, 255, (1, 3, 96, 128), dtype=torch.uint8)
+    sizes = torch.tensor([[96, 128]])
+    with torch.no_grad():
+        before_features = model.backbone(model.normalize(images) if hasattr(model, "normalize") else images.float())
+        before = model(images, sizes)
+        report = fold_batchnorms(model)
+        after_features = model.backbone(model.normalize(images) if hasattr(model, "normalize") else images.float())
+        after = model(images, sizes)
+    assert report.folded == folds
+    for name, value in before_features.items():  # float32 rounding, relative to the feature map's scale
+        assert (after_features[name] - value).abs().max() <= 1e-5 * value.abs().max(), name
+    for a, b in zip(before, after):
+        torch.testing.assert_close(b.scores, a.scores, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b.boxes, a.boxes, rtol=1e-4, atol=1e-2)  # a hundredth of a pixel
+
+
+def test_what_is_not_foldable_is_kept():
+    v2 = _model("retinanet", "v2", "FrozenBN")
+    assert fold_batchnorms(v2).folded == 0  # pre-activation: every norm comes before its conv
+    training = _model("retinanet", "pytorch", "BN", **{"backbone": {"depth": 50, "norm": "BN", "freeze_at": 0}})
+    training.train()
+    assert fold_batchnorms(training).folded == 0  # batch statistics are not constants
+    gn = _model("retinanet", "pytorch", "GN")
+    gn.eval()
+    report = fold_batchnorms(gn)
+    assert report.folded == 0 and report.kept > 0
