@@ -7,6 +7,7 @@ Masks are per instance either polygons (flat float32 x, y arrays, transformed ex
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -184,6 +185,13 @@ class TransformPipeline:
         return resize(sample, new_w, new_h)
 
 
+@functools.lru_cache(maxsize=32)
+def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`values` as a tensor on `device`, copied there once (a copy from host memory at every step would make the
+    training step wait for the GPU)."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def normalize(images: torch.Tensor, image_sizes: torch.Tensor, input_cfg: InputConfig) -> torch.Tensor:
     """uint8 padded batch -> float network input: (pixel - mean) / std in the configured channel order.
 
@@ -201,8 +209,8 @@ def normalize(images: torch.Tensor, image_sizes: torch.Tensor, input_cfg: InputC
     x = images.float()
     if input_cfg.channel_order == "BGR":
         x = x.flip(1)
-    mean = torch.tensor(input_cfg.pixel_mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(input_cfg.pixel_std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    mean = _constant(tuple(input_cfg.pixel_mean), x.device, x.dtype).view(1, 3, 1, 1)
+    std = _constant(tuple(input_cfg.pixel_std), x.device, x.dtype).view(1, 3, 1, 1)
     x = (x - mean) / std
     h, w = x.shape[-2:]
     sizes = image_sizes.to(x.device)

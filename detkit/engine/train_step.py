@@ -104,10 +104,14 @@ class TrainStep:
                         sums[k] = sums.get(k, 0) + v.detach().float() * d_est
                     elif k != "num_fg_total":
                         sums[k] = sums.get(k, 0) + v.detach().float() / accumulate
-        names = list(sums)
-        flags = torch.tensor([float(stop == name) for name in STOP_SIGNALS], device=self.device)
+        names = sorted(sums, key=lambda k: not k.startswith("loss"))  # loss terms first (stable)
+        num_losses = sum(k.startswith("loss") for k in names)
+        # built with fills, not from Python lists: a host-to-device copy would make the step wait for the GPU
+        flags = torch.zeros(len(STOP_SIGNALS), device=self.device)
+        if stop in STOP_SIGNALS:
+            flags[STOP_SIGNALS.index(stop)].fill_(1.0)
         packed = torch.cat([torch.stack([torch.as_tensor(sums[k], device=self.device).float() for k in names]
-                                        + [num_fg.float(), torch.tensor(float(num_images), device=self.device)]),
+                                        + [num_fg.float(), torch.full((), float(num_images), device=self.device)]),
                             flags])
         packed = all_reduce_sum(packed)  # no-op in one process
         if d_est is None:
@@ -117,8 +121,7 @@ class TrainStep:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             # DDP averaged the gradients over ranks; the step's loss is their sum over d_true
             torch._foreach_mul_(grads, (d_est * world / d_true).to(grads[0].dtype))
-            is_loss = torch.tensor([k.startswith("loss") for k in names], device=self.device)
-            means = torch.where(is_loss, packed[:len(names)] / d_true, packed[:len(names)] / world)
+            means = torch.cat([packed[:num_losses] / d_true, packed[num_losses:len(names)] / world])
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         # the global gradient norm (clipped when set) also tells a NaN gradient apart

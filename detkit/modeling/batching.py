@@ -27,7 +27,7 @@ def pad_per_image(tensors: list[Tensor], width: int, fill: float = 0.0) -> tuple
     valid = torch.zeros((len(tensors), num), dtype=torch.bool, device=device)
     for i, t in enumerate(tensors):  # a loop over images, not boxes
         out[i, : t.shape[0]] = t.reshape(-1, width)
-        valid[i, : t.shape[0]] = True
+        valid[i, : t.shape[0]].fill_(True)  # fill_, not `= True`: no tensor made from a Python value
     return out, valid
 
 

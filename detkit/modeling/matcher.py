@@ -56,11 +56,11 @@ class Matcher:
         lows = [float("-inf"), *self.thresholds]
         highs = [*self.thresholds, float("inf")]
         for low, high, label in zip(lows, highs, self.labels):
-            labels[(max_iou >= low) & (max_iou < high)] = label
+            labels.masked_fill_((max_iou >= low) & (max_iou < high), label)  # no boolean indexing: no sync
         if self.allow_low_quality_matches:
             best_per_gt = iou.max(dim=-1, keepdim=True).values  # (..., G, 1)
             is_best = ((iou == best_per_gt) & (best_per_gt > 0)).any(dim=-2)  # (..., A)
-            labels[is_best] = FOREGROUND
+            labels.masked_fill_(is_best, FOREGROUND)
         return matched_idxs, labels
 
 
