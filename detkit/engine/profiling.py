@@ -1,0 +1,100 @@
+"""How much of a training step is spent outside convolutions and matrix products, from the PyTorch profiler."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch.profiler import ProfilerActivity, profile
+
+# The dense work of a detector: forward and backward convolutions and matrix products. Anything else (norms,
+# activations, anchors, matching, losses, the optimiser) is "outside".
+CORE_OPS = frozenset({"aten::convolution", "aten::convolution_backward", "aten::addmm", "aten::mm", "aten::bmm",
+                      "aten::baddbmm", "aten::linear_backward"})
+# Kinds of the remaining ops, tried in this order; an op belongs to the first whose key is in its name.
+BUCKETS = (("batch norm", ("batch_norm",)), ("optimizer", ("_foreach",)),
+           ("activation", ("relu", "silu", "sigmoid", "threshold")),
+           ("memory", ("copy", "fill", "zero", "cat", "stack", "empty", "clone", "contiguous")),
+           ("reduction", ("sum", "mean", "amax", "max", "min", "norm")),
+           ("elementwise", ("mul", "add", "sub", "div", "pow", "softplus", "exp", "log", "neg", "where", "clamp",
+                            "abs", "sqrt")))
+
+
+@dataclass
+class Split:
+    """Where a training step's time goes (CPU).
+
+    Attributes:
+        step_seconds: median wall time of an unprofiled step.
+        profiled_seconds: wall time of the profiled steps, summed.
+        core_seconds: time inside the core ops (outermost calls only, so nested ones count once).
+        outside: 1 - core / profiled wall time: the issue's measure.
+        outside_unprofiled: 1 - core / (steps x step_seconds): the profiler's own overhead taken out.
+        buckets: self time of the remaining ops by kind, as fractions of the profiled wall time.
+    """
+
+    step_seconds: float
+    profiled_seconds: float
+    core_seconds: float
+    outside: float
+    outside_unprofiled: float
+    buckets: dict[str, float] = field(default_factory=dict)
+
+    def format(self) -> str:
+        rest = ", ".join(f"{k} {v:.1%}" for k, v in sorted(self.buckets.items(), key=lambda kv: -kv[1]))
+        return (f"step {self.step_seconds:.2f} s; outside conv/matmul {self.outside:.1%} of the profiled step "
+                f"({self.outside_unprofiled:.1%} of the unprofiled one); the rest by kind: {rest}")
+
+
+def _is_core_root(event) -> bool:
+    if event.name not in CORE_OPS:
+        return False
+    parent = event.cpu_parent
+    while parent is not None:  # a slow conv path calls addmm inside convolution: count the outer call only
+        if parent.name in CORE_OPS:
+            return False
+        parent = parent.cpu_parent
+    return True
+
+
+def _bucket(name: str) -> str:
+    op = name.split("::")[-1]
+    return next((bucket for bucket, keys in BUCKETS if any(k in op for k in keys)), "other")
+
+
+def op_time_split(step: Callable[[], object], warmup: int = 2, active: int = 3) -> Split:
+    """Run `step` `warmup` times unprofiled (timing them), then `active` times under the CPU profiler.
+
+    Args:
+        step: one training step (e.g. a `TrainStep` bound to its batches).
+        warmup: unprofiled steps; their median is `step_seconds` (at least 1).
+        active: profiled steps.
+    """
+    times = []
+    for _ in range(max(1, warmup)):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(active):
+            step()
+        wall = time.perf_counter() - start
+    events = prof.events()
+    core = sum(e.cpu_time_total for e in events if _is_core_root(e)) / 1e6
+    buckets: dict[str, float] = {}
+    for e in events:
+        if e.name in CORE_OPS or not e.name.startswith("aten::"):
+            continue
+        core_inside = False
+        parent = e.cpu_parent
+        while parent is not None:
+            if parent.name in CORE_OPS:
+                core_inside = True
+                break
+            parent = parent.cpu_parent
+        if not core_inside:
+            buckets[_bucket(e.name)] = buckets.get(_bucket(e.name), 0.0) + e.self_cpu_time_total / 1e6 / wall
+    step_seconds = statistics.median(times)
+    return Split(step_seconds, wall, core, 1 - core / wall, 1 - core / (active * step_seconds), buckets)
