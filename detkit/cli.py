@@ -353,6 +353,84 @@ def cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    """`detkit benchmark CONFIG`: training and inference speed, memory, size and AP; a JSON record and a row."""
+    import shlex
+
+    from .engine.benchmark import BenchmarkOptions, device_slug, run_benchmark
+    from .engine.zoo import COLUMNS
+    from .utils.fileio import write_json_atomic
+
+    counts = {"--iters": (args.iters, 1), "--warmup": (args.warmup, 0), "--train-batch": (args.train_batch, 1),
+              "--eval-images": (args.eval_images, 1)}
+    for flag, (value, least) in counts.items():
+        if value is not None and value < least:
+            print(f"error: {flag} must be >= {least}, got {value}", file=sys.stderr)
+            return 2
+    if args.batch_sizes is not None and min(args.batch_sizes) < 1 or args.size is not None and min(args.size) < 1:
+        print("error: --batch-sizes and --size must be positive", file=sys.stderr)
+        return 2
+    cfg = _load_config(args)
+    options = BenchmarkOptions(config_path=args.config, overrides=list(args.overrides), weights=args.weights,
+                               device=args.device, iters=args.iters, warmup=args.warmup,
+                               train_batch=args.train_batch, batch_sizes=args.batch_sizes,
+                               size=tuple(args.size) if args.size else None, train=not args.no_train,
+                               inference=not args.no_inference, eval_images=args.eval_images,
+                               command="detkit " + shlex.join(args.argv))
+    record = run_benchmark(cfg, options)
+    accuracy = record["accuracy"] or {}
+    for iou_type in ("bbox", "segm"):
+        if iou_type in accuracy:
+            subset = f", the first {accuracy['images']} val images" if accuracy["subset"] else ""
+            print(f"Evaluate annotation type *{iou_type}*{subset}")
+            print(accuracy[iou_type]["summary"], end="")
+    train, inference = record["train"], record["inference"]
+    if train:
+        print(f"training: batch {train['batch']}, {train['iters']} iterations after {train['warmup']} warm-up: "
+              f"{train['s_per_iter']:.3f} s/iter, {train['img_per_s']:.2f} images/s")
+    if inference:
+        fps = ", ".join(f"batch {e['batch']}: " + (f"{e['fps']:.2f}" if "fps" in e else "out of memory")
+                        for e in inference["per_batch"])
+        print(f"inference at {'x'.join(map(str, inference['image_size']))}, images/s by batch: {fps}")
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    print(record["markdown_row"])
+    out = Path(args.json or Path(cfg.runtime.output_dir) / f"benchmark-{device_slug(record['device'])}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"record written to {write_json_atomic(record, out)}")
+    return 0
+
+
+def cmd_zoo_table(args: argparse.Namespace) -> int:
+    """`detkit zoo-table RECORDS_DIR`: render the model-zoo page from benchmark records (--check: is it current?)."""
+    from .engine.zoo import RecordError, check_file, load_records, render_zoo
+    from .utils.fileio import write_bytes_atomic
+
+    try:
+        records = load_records(args.records_dir)
+    except RecordError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    label = Path(os.path.normpath(args.records_dir))
+    if label.is_absolute() and label.is_relative_to(Path.cwd()):
+        label = label.relative_to(Path.cwd())
+    out = Path(args.out)
+    text = render_zoo(records, args.configs, records_label=label.as_posix(), link_from=out.parent)
+    if args.check:
+        problems = check_file(out, text)
+        for line in problems:
+            print(line)
+        if problems:
+            print(f"regenerate it with: detkit zoo-table {label.as_posix()} --configs {args.configs} --out {out}")
+            return 1
+        print(f"{out} is up to date with {len(records)} records in {label.as_posix()}")
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(text.encode("utf-8"), out)
+    print(f"wrote {out} from {len(records)} records in {label.as_posix()}")
+    return 0
+
+
 def demo_overrides(root: str | Path, out: str | Path) -> list[str]:
     """Point the demo config at the synthetic dataset in `root` and its run folder at `out`."""
     return [f"data.train.annotations={root}/annotations/instances_train.json", f"data.train.images={root}/train",
@@ -479,6 +557,34 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "val annotations' categories, else COCO's 91)")
     p.add_argument("--json", help="also write the counts as JSON here")
     p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("benchmark", help="measure training and inference speed, memory, size and AP of a config")
+    p.add_argument("config", help="the detector's config")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    p.add_argument("--weights", help="trained weights: inference runs on them, and AP is measured on the val split")
+    p.add_argument("--iters", type=int, help="timed iterations of each phase (default: training 20, inference 50 "
+                                             "on CUDA; 2 and 3 on CPU)")
+    p.add_argument("--warmup", type=int, help="untimed iterations first (default: 5 and 10 on CUDA; 1 on CPU)")
+    p.add_argument("--train-batch", type=int, metavar="N", help="training images per step (default: "
+                   "data.batch_size, on CPU reduced to what fits in memory)")
+    p.add_argument("--batch-sizes", nargs="+", type=int, metavar="N",
+                   help="inference batch sizes to sweep (default: 1 2 4 ... 64 on CUDA, 1 2 on CPU)")
+    p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
+                   help="replace the config's train and test image sizes (small runs)")
+    p.add_argument("--no-train", action="store_true", help="skip the training measurement")
+    p.add_argument("--no-inference", action="store_true", help="skip the inference measurement")
+    p.add_argument("--eval-images", type=int, metavar="N", help="AP on the first N val images only")
+    p.add_argument("--json", help="the record's path (default: runtime.output_dir/benchmark-<device>.json)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: runtime.device)")
+    p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("zoo-table", help="render docs/MODEL_ZOO.md from `detkit benchmark` JSON records")
+    p.add_argument("records_dir", metavar="RECORDS_DIR", help="folder of schema-1 records (benchmarks/records)")
+    p.add_argument("--configs", default="configs", help="the shipped configs, each listed (default configs)")
+    p.add_argument("--out", default="docs/MODEL_ZOO.md", help="the page to write (default docs/MODEL_ZOO.md)")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 and show the difference when the page is out of date")
+    p.set_defaults(func=cmd_zoo_table)
 
     p = sub.add_parser("demo", help="the README's demo: train RetinaNet on the synthetic dataset, evaluate, draw")
     p.add_argument("overrides", nargs="*", help="overrides of the demo config, key=value")

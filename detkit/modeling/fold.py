@@ -51,7 +51,8 @@ def fold_batchnorms(model: nn.Module) -> FoldReport:
     """Merge every frozen or eval-mode batch norm that follows a convolution into it, in place.
 
     Returns:
-        How many norm layers were folded and how many were kept.
+        How many norm layers were folded and how many were kept. The model's `folded_norms` attribute counts every
+        fold done on it.
     """
     folded = 0
     for parent, conv_name, norm_name in list(_pairs(model)):
@@ -70,4 +71,5 @@ def fold_batchnorms(model: nn.Module) -> FoldReport:
         setattr(parent, norm_name, nn.Identity())
         folded += 1
     kept = sum(isinstance(m, (*_BATCH_NORMS, nn.GroupNorm)) for m in model.modules())
+    model.folded_norms = getattr(model, "folded_norms", 0) + folded  # for reports of the model later on
     return FoldReport(folded, kept)
