@@ -1,4 +1,4 @@
-"""The `detkit` command: train, eval, predict, flops, demo, synth, check-data."""
+"""The `detkit` command: train, eval, predict, flops, benchmark, zoo-table, demo, synth, check-data."""
 from __future__ import annotations
 
 import argparse
