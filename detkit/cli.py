@@ -357,7 +357,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     """`detkit benchmark CONFIG`: training and inference speed, memory, size and AP; a JSON record and a row."""
     import shlex
 
-    from .engine.benchmark import BenchmarkOptions, device_slug, run_benchmark
+    from .engine.benchmark import BenchmarkOptions, run_benchmark
+    from .engine.environment import device_slug
     from .engine.zoo import COLUMNS
     from .utils.fileio import write_json_atomic
 

@@ -10,10 +10,10 @@ import torch
 
 from detkit.cli import main, shipped_config
 from detkit.config import Config, load_config
-from detkit.engine import benchmark
-from detkit.engine.benchmark import (BenchmarkOptions, RssMemory, Timing, device_slug, fit_train_batch,
-                                     git_commit, inference_sweep, measure_loop, run_benchmark, synthetic_batches,
-                                     with_size)
+from detkit.engine import benchmark, environment
+from detkit.engine.benchmark import (BenchmarkOptions, RssMemory, Timing, fit_train_batch, inference_sweep,
+                                     measure_loop, run_benchmark, synthetic_batches, with_size)
+from detkit.engine.environment import device_slug, git_commit
 from detkit.engine.flops import input_size
 from detkit.engine.zoo import config_hash, describe
 
@@ -28,7 +28,7 @@ def _config(name: str, *overrides: str) -> Config:
 @pytest.fixture(autouse=True)
 def _no_git_process(monkeypatch):
     # the record's dirty flag runs `git status`; the tests leave the checkout alone
-    monkeypatch.setattr(benchmark, "git_dirty", lambda root: None)
+    monkeypatch.setattr(environment, "git_dirty", lambda root: None)
 
 
 # --- fakes ---------------------------------------------------------------------------------------------------------
@@ -208,7 +208,7 @@ def tiny_run(synth_root, tmp_path_factory):
             str(weights), "--eval-images", "8", "--json", str(out)]
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
-        mp.setattr(benchmark, "git_dirty", lambda root: None)
+        mp.setattr(environment, "git_dirty", lambda root: None)
         code = main(argv)
     return {"code": code, "stdout": stdout.getvalue(), "path": out, "weights": weights}
 
