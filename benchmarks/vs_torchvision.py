@@ -147,9 +147,12 @@ def judge(target: Target, comparison: Comparison, *, precision: str, size: int, 
     if target.size is not None and size != target.size:
         return f"not comparable: the target is at {target.size}x{target.size}, this run at {size}x{size}"
     misses = []
-    if comparison.ratio < target.min_ratio:
-        misses.append(f"{comparison.ratio:.2f}x < {target.min_ratio:g}x")
-    detkit = statistics.median(comparison.detkit)
+    # training is judged on the slower of detkit's two figures: the same plain loop as torchvision's, and the
+    # TrainStep `detkit train` runs (clipping, scheduler, its one host read)
+    detkit = min(statistics.median(v) for v in (comparison.detkit, comparison.train_step) if v)
+    ratio = detkit / statistics.median(comparison.torchvision)
+    if ratio < target.min_ratio:
+        misses.append(f"{ratio:.2f}x < {target.min_ratio:g}x")
     if target.min_img_per_s is not None and detkit < target.min_img_per_s:
         misses.append(f"{detkit:.1f} img/s < {target.min_img_per_s:g}")
     return "pass" if not misses else "fail: " + "; ".join(misses)
@@ -422,7 +425,7 @@ def compare_training(model: str, args, device) -> Comparison:
 
     import torch
 
-    from detkit.engine.benchmark import _build_train_step, synthetic_batches
+    from detkit.engine.benchmark import build_train_step, synthetic_batches
 
     cfg = detkit_config(model, args.precision, args.override, args.size)
     detkit_model, tv_model, params = build_pair(model, cfg, args.size, args.size)
@@ -442,7 +445,7 @@ def compare_training(model: str, args, device) -> Comparison:
     def tv_loss(inputs):
         return sum(tv_model(*inputs).values())
 
-    train_step = _build_train_step(cfg, NUM_CLASSES, args.batch, device)
+    train_step = build_train_step(cfg, NUM_CLASSES, args.batch, device)
     trainer_stream = itertools.cycle(batches)
     steps = {"detkit": sgd_step(detkit_loss, detkit_model.parameters(), batches, device, amp),
              "torchvision": sgd_step(tv_loss, tv_model.parameters(), tv_batches, device, amp),

@@ -226,7 +226,7 @@ def test_the_detkit_parts_it_calls_exist():
     """Only the GPU machine runs the comparison: catch a renamed helper or config key here."""
     from detkit.engine import benchmark, environment
 
-    for name in ("_build_train_step", "synthetic_batches", "with_size", "measure_loop", "CudaEvents", "device_sync",
+    for name in ("build_train_step", "synthetic_batches", "with_size", "measure_loop", "CudaEvents", "device_sync",
                  "DEFAULT_ITERS"):
         assert hasattr(benchmark, name), name
     assert hasattr(environment, "environment") and hasattr(environment, "device_slug")

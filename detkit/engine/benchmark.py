@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data.loader import Batch, ImageMeta, collate
 from ..data.synth import CATEGORIES, SynthSpec, render_image
 from ..data.transforms import Sample, TransformPipeline, resize
@@ -398,7 +398,12 @@ def _iters(options: BenchmarkOptions, device: torch.device, phase: str) -> tuple
     return (warmup if options.warmup is None else options.warmup), (iters if options.iters is None else options.iters)
 
 
-def _build_train_step(cfg: Config, num_classes: int, batch: int, device: torch.device):
+def build_train_step(cfg: Config, num_classes: int, batch: int, device: torch.device):
+    """The trainer's step for one process (`TrainStep`), around a freshly built model, at the LR of `batch`.
+
+    It runs one micro-batch per call: with `solver.accumulate` > 1 a training iteration is that many calls, and
+    RetinaNet then uses the step-wide loss normaliser, as the trainer does.
+    """
     from ..modeling.build import build_model
     from .optim import build_optimizer
     from .schedule import build_scheduler, scaled_lr
@@ -413,7 +418,8 @@ def _build_train_step(cfg: Config, num_classes: int, batch: int, device: torch.d
     scheduler = build_scheduler(optimizer, solver, iters_per_epoch=1)  # the schedule's shape does not matter here
     scaler = torch.amp.GradScaler(device.type, enabled=rt.amp == "fp16")
     return TrainStep(model, model, optimizer, scheduler, scaler, device=device, amp=rt.amp, accumulate=1,
-                     clip_grad_norm=solver.clip_grad_norm)
+                     clip_grad_norm=solver.clip_grad_norm,
+                     step_normalized=solver.accumulate > 1 and hasattr(model, "step_normalizer"))
 
 
 def benchmark_training(cfg: Config, options: BenchmarkOptions, num_classes: int, device: torch.device) -> dict:
@@ -421,12 +427,16 @@ def benchmark_training(cfg: Config, options: BenchmarkOptions, num_classes: int,
     config_batch = cfg.data.batch_size
     warmup, iters = _iters(options, device, "train")
     # built once, at the learning rate of the asked batch: a batch reduced to fit changes the speed, not the LR's
-    step = _build_train_step(cfg, num_classes, options.train_batch or config_batch, device)
+    step = build_train_step(cfg, num_classes, options.train_batch or config_batch, device)
     batch, reason, fit = config_batch, None, None
     if options.train_batch is not None:
         batch = options.train_batch
         reason = None if batch == config_batch else "--train-batch"
     elif device.type == "cpu" and config_batch > 2:
+        # one untimed step first: the optimiser's state (momentum) then exists before either probe, and does not
+        # count as memory per image
+        step(iter([_to_device(synthetic_batches(cfg, 1, 1, train=True, num_classes=num_classes)[0], device)]))
+
         def probe(b: int) -> int:
             batches = [_to_device(b_, device) for b_ in synthetic_batches(cfg, b, 1, train=True,
                                                                            num_classes=num_classes)]
@@ -590,8 +600,11 @@ def run_benchmark(cfg: Config, options: BenchmarkOptions) -> dict:
     stem = Path(options.config_path).stem if options.config_path else cfg.name
     labels = describe(cfg, stem)
     digest = config_hash(cfg)
+    full_size_cfg = cfg  # AP is measured at the config's own test size, whatever --size says
     if options.size is not None:
         cfg = with_size(cfg, options.size)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # CUDA events and peak statistics follow the current device
     torch.manual_seed(cfg.runtime.seed)
     num_classes, num_classes_source = resolve_num_classes(cfg)
     record = {"schema": SCHEMA, "command": options.command,
@@ -601,15 +614,23 @@ def run_benchmark(cfg: Config, options: BenchmarkOptions) -> dict:
                         "schedule": labels["schedule"], "num_classes": num_classes,
                         "num_classes_source": num_classes_source}
     record["settings"] = {"amp": cfg.runtime.amp, "channels_last": cfg.runtime.channels_last, "compile": False,
-                          "fold_bn": cfg.runtime.fold_bn, "input": "synthetic", "init": "weights" if options.weights else "random",
-                          "seed": cfg.runtime.seed, "size": list(options.size) if options.size else None}
+                          "fold_bn": cfg.runtime.fold_bn, "input": "synthetic",
+                          # training always starts from a random init; --weights serve inference and AP
+                          "init": "random", "inference_weights": bool(options.weights), "seed": cfg.runtime.seed,
+                          "size": list(options.size) if options.size else None}
     record["size"] = measure(cfg, num_classes=num_classes).to_dict()
     logger.info("size: %.2f M parameters, %.1f G MACs at %s", record["size"]["params"] / 1e6,
                 record["size"]["macs"] / 1e9, "x".join(map(str, record["size"]["padded_size"])))
 
     record["train"] = None
     if options.train:
-        record["train"] = benchmark_training(cfg, options, num_classes, device)
+        try:
+            record["train"] = benchmark_training(cfg, options, num_classes, device)
+        except ValueError as e:
+            if "more than 1 value per channel" not in str(e) or options.size is None:
+                raise
+            raise ConfigError(f"--size {options.size[0]} {options.size[1]} is too small for this model's coarsest "
+                              "level with batch norm in training: use a larger --size (256 for SpineNet)") from None
         t = record["train"]
         logger.info("training at batch %d: %.3f s/iter, %.1f images/s", t["batch"], t["s_per_iter"], t["img_per_s"])
         gc.collect()
@@ -637,7 +658,8 @@ def run_benchmark(cfg: Config, options: BenchmarkOptions) -> dict:
     record["accuracy"] = None
     annotations = cfg.data.val.annotations
     if options.weights and annotations and Path(annotations).is_file():
-        record["accuracy"] = benchmark_accuracy(cfg, model, categories, options.weights, device, options.eval_images)
+        record["accuracy"] = benchmark_accuracy(full_size_cfg, model, categories, options.weights, device,
+                                                options.eval_images)
     elif options.weights:
         logger.warning("no AP: data.val.annotations (%s) is not readable", annotations or "unset")
     elif annotations and Path(annotations).is_file():

@@ -63,16 +63,20 @@ def _bucket(name: str) -> str:
     return next((bucket for bucket, keys in BUCKETS if any(k in op for k in keys)), "other")
 
 
-def op_time_split(step: Callable[[], object], warmup: int = 2, active: int = 3) -> Split:
-    """Run `step` `warmup` times unprofiled (timing them), then `active` times under the CPU profiler.
+def op_time_split(step: Callable[[], object], warmup: int = 1, timed: int = 2, active: int = 3) -> Split:
+    """Run `step` `warmup` times (untimed: caches, allocator, kernels), `timed` times unprofiled, then `active`
+    times under the CPU profiler.
 
     Args:
         step: one training step (e.g. a `TrainStep` bound to its batches).
-        warmup: unprofiled steps; their median is `step_seconds` (at least 1).
+        warmup: untimed steps first.
+        timed: unprofiled steps; their median is `step_seconds` (at least 1).
         active: profiled steps.
     """
+    for _ in range(warmup):
+        step()
     times = []
-    for _ in range(max(1, warmup)):
+    for _ in range(max(1, timed)):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)

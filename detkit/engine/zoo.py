@@ -234,8 +234,11 @@ def _train_cells(train: Mapping[str, Any] | None, extra: Sequence[str] = ()) -> 
         return [NOT_MEASURED] * 3
     marks = [*_batch_marks(train), *extra]
     s_per_iter, img_per_s = train.get("s_per_iter"), train.get("img_per_s")
+    accumulate = train.get("config_accumulate") or 1
+    # with gradient accumulation the timed step is one micro-batch: an iteration of the config is `accumulate` of them
+    iter_marks = [*marks, f"1/{accumulate} iter"] if accumulate > 1 else marks
     return [_memory_cell(train, extra),
-            NOT_MEASURED if s_per_iter is None else _marked(_seconds(s_per_iter), marks),
+            NOT_MEASURED if s_per_iter is None else _marked(_seconds(s_per_iter), iter_marks),
             NOT_MEASURED if img_per_s is None else _marked(_decimals(img_per_s), marks)]
 
 
@@ -288,7 +291,8 @@ def markdown_row(record: Mapping[str, Any]) -> str:
     Backbone and Lr schd come from `config.backbone` and `config.schedule`. Mem: GiB, one decimal (CUDA peak
     allocated, or the CPU's peak RSS marked `(RSS)`); s/iter: three decimals, one from 10 s up; img/s and fps: one
     decimal (two significant digits below 1); AP: one decimal, `(subset)` when measured on part of the val set.
-    `(bN)` marks a training batch other than the config's; `-` is not applicable (mask AP of a box-only
+    `(bN)` marks a training batch other than the config's; `(1/K iter)` a time of one micro-batch of a config
+    that accumulates K of them per iteration; `-` is not applicable (mask AP of a box-only
     detector); `not yet measured` is a figure the run did not take.
     """
     return _table_row(_record_cells(record))

@@ -236,7 +236,8 @@ def test_record_schema_and_row_for_a_tiny_retinanet(tiny_run):
     cfg = load_config(Config, config["path"], config["overrides"])
     assert config["sha256"] == config_hash(cfg)  # the config's own hash, not the --size one
     assert record["settings"] == {"amp": "none", "channels_last": True, "compile": False, "fold_bn": True,
-                                  "input": "synthetic", "init": "weights", "seed": 0, "size": [64, 64]}
+                                  "input": "synthetic", "init": "random", "inference_weights": True, "seed": 0,
+                                  "size": [64, 64]}
     assert record["size"]["padded_size"] == [64, 64] and record["size"]["params"] > 1e6
 
     train = record["train"]
