@@ -386,7 +386,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             print(f"Evaluate annotation type *{iou_type}*{subset}")
             print(accuracy[iou_type]["summary"], end="")
     train, inference = record["train"], record["inference"]
-    if train:
+    if train and "error" in train:
+        print(f"training: batch {train['batch']} ran out of memory")
+    elif train:
         print(f"training: batch {train['batch']}, {train['iters']} iterations after {train['warmup']} warm-up: "
               f"{train['s_per_iter']:.3f} s/iter, {train['img_per_s']:.2f} images/s")
     if inference:

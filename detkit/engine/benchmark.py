@@ -631,8 +631,19 @@ def run_benchmark(cfg: Config, options: BenchmarkOptions) -> dict:
                 raise
             raise ConfigError(f"--size {options.size[0]} {options.size[1]} is too small for this model's coarsest "
                               "level with batch norm in training: use a larger --size (256 for SpineNet)") from None
+        except torch.OutOfMemoryError:
+            # the record still gets the size and inference figures; the row says what happened
+            batch = options.train_batch or cfg.data.batch_size
+            logger.error("training at batch %d ran out of device memory; pass --train-batch N with a smaller N",
+                         batch)
+            record["train"] = {"error": "oom", "batch": batch, "config_batch": cfg.data.batch_size,
+                               "config_accumulate": cfg.solver.accumulate}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         t = record["train"]
-        logger.info("training at batch %d: %.3f s/iter, %.1f images/s", t["batch"], t["s_per_iter"], t["img_per_s"])
+        if "error" not in t:
+            logger.info("training at batch %d: %.3f s/iter, %.1f images/s", t["batch"], t["s_per_iter"],
+                        t["img_per_s"])
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -232,6 +232,8 @@ def _memory_cell(train: Mapping[str, Any] | None, extra: Sequence[str] = ()) -> 
 def _train_cells(train: Mapping[str, Any] | None, extra: Sequence[str] = ()) -> list[str]:
     if not train:
         return [NOT_MEASURED] * 3
+    if train.get("error") == "oom":
+        return [_marked("out of memory", [f"b{train.get('batch')}"])] * 3
     marks = [*_batch_marks(train), *extra]
     s_per_iter, img_per_s = train.get("s_per_iter"), train.get("img_per_s")
     accumulate = train.get("config_accumulate") or 1
@@ -355,7 +357,7 @@ def _machine_line(machine: tuple, records: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _cpu_footnote(records: Sequence[Mapping[str, Any]]) -> str:
-    train = [r["train"] for r in records if r.get("train")]
+    train = [r["train"] for r in records if r.get("train") and "error" not in r["train"]]
     inference = [r["inference"] for r in records if r.get("inference")]
     lines = ["Real-size configs run only a few iterations on a CPU."]
     if train:

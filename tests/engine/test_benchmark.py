@@ -304,3 +304,18 @@ def test_two_stage_benchmarks_run(name):
     cells = [c.strip() for c in record["markdown_row"].strip().strip("|").split("|")]
     assert len(cells) == 8 and cells[6] == "not yet measured"
     assert cells[7] == ("not yet measured" if "mask" in name else "-")
+
+
+def test_out_of_memory_in_training_still_writes_a_record(monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(benchmark, "benchmark_training", out_of_memory)
+    name = "retinanet-resnet18-fpn-demo.yaml"
+    options = BenchmarkOptions(config_path=str(shipped_config(name)), size=(64, 64), train_batch=2, iters=1,
+                               warmup=0, batch_sizes=(1,), device="cpu")
+    record = run_benchmark(_config(name), options)
+    assert record["train"] == {"error": "oom", "batch": 2, "config_batch": 8, "config_accumulate": 1}
+    assert record["inference"]["fps_batch1"] > 0  # the other phases still ran
+    cells = [c.strip() for c in record["markdown_row"].strip().strip("|").split("|")]
+    assert cells[2:5] == ["out of memory (b2)"] * 3
