@@ -15,11 +15,13 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def write_section(name: str, text: str) -> Path:
-    """Replace (or append) the block between `<!-- name:begin -->` and `<!-- name:end -->` in docs/benchmarks.md."""
+def write_section(name: str, text: str, doc: Path = DOC) -> Path:
+    """Replace (or append) the block between `<!-- name:begin -->` and `<!-- name:end -->` in `doc`
+    (docs/benchmarks.md)."""
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    DOC.parent.mkdir(exist_ok=True)
-    current = DOC.read_text() if DOC.exists() else "# detkit benchmarks\n\nEvery figure here comes from a script in " \
+    doc = Path(doc)
+    doc.parent.mkdir(exist_ok=True)
+    current = doc.read_text() if doc.exists() else "# detkit benchmarks\n\nEvery figure here comes from a script in " \
         "`benchmarks/`, run on the machine named beside it.\n"
     block = f"{begin}\n{text.rstrip()}\n{end}"
     if begin in current:
@@ -27,5 +29,5 @@ def write_section(name: str, text: str) -> Path:
         current = head + block + rest.split(end, 1)[1]
     else:
         current = current.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(current)
-    return DOC
+    doc.write_text(current)
+    return doc

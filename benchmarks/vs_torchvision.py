@@ -222,12 +222,7 @@ detkit).
 
 def write_doc_section(text: str, out: Path) -> Path:
     """Write `text` between the gpu-targets markers of `out` with benchmarks/common.py's section writer."""
-    default = common.DOC
-    common.DOC = Path(out)  # write_section writes to common.DOC
-    try:
-        return common.write_section(SECTION, text)
-    finally:
-        common.DOC = default
+    return common.write_section(SECTION, text, doc=Path(out))
 
 
 # --- the same-architecture check (pure: tested with fakes) --------------------------------------------------------
@@ -290,7 +285,7 @@ def prepare_batch(batch, *, bitmaps: bool):
         if bitmaps and masks is not None:
             masks = [m if not isinstance(m, list) else polygons_to_bitmap(m, h, w) for m in masks]
         targets.append(Targets(t.boxes, t.labels + 1, t.ignore_boxes, masks))
-    return Batch(batch.images, batch.image_sizes, targets, batch.metas, batch.image_scales, batch.skipped)
+    return Batch(batch.images, batch.image_sizes, targets, batch.metas, batch.image_scales)
 
 
 def torchvision_inputs(batch, device, *, train: bool):
@@ -458,22 +453,16 @@ def compare_training(model: str, args, device) -> Comparison:
 
 
 def compare_inference(model: str, args, device) -> Comparison:
-    """Batch-1 frames/s at 800x1333 of detkit (prepared as `load_detector` prepares it) and torchvision."""
+    """Batch-1 frames/s at 800x1333 of detkit (prepared by `prepare_for_inference`, as eval runs it) and torchvision."""
     import torch
 
     from detkit.engine.benchmark import synthetic_batches
-    from detkit.engine.inference import autocast
+    from detkit.engine.inference import autocast, prepare_for_inference
 
     cfg = detkit_config(model, args.precision, args.override)
     detkit_model, tv_model, params = build_pair(model, cfg, *INFER_SIZE)
-    detkit_model = detkit_model.to(device).eval()
+    detkit_model, _ = prepare_for_inference(detkit_model, cfg.runtime, device)
     tv_model = tv_model.to(device).eval()
-    if cfg.runtime.fold_bn:
-        from detkit.modeling.fold import fold_batchnorms
-
-        fold_batchnorms(detkit_model)
-    if cfg.runtime.channels_last:
-        detkit_model = detkit_model.to(memory_format=torch.channels_last)
     batch = prepare_batch(synthetic_batches(cfg, 1, 1, train=False, num_classes=NUM_CLASSES,
                                             exact_size=INFER_SIZE)[0], bitmaps=False).to(device)
     images, _ = torchvision_inputs(batch, device, train=False)

@@ -359,7 +359,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     from .engine.benchmark import BenchmarkOptions, run_benchmark
     from .engine.environment import device_slug
-    from .engine.zoo import COLUMNS
+    from .engine.zoo import table_header
     from .utils.fileio import write_json_atomic
 
     counts = {"--iters": (args.iters, 1), "--warmup": (args.warmup, 0), "--train-batch": (args.train_batch, 1),
@@ -395,8 +395,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         fps = ", ".join(f"batch {e['batch']}: " + (f"{e['fps']:.2f}" if "fps" in e else "out of memory")
                         for e in inference["per_batch"])
         print(f"inference at {'x'.join(map(str, inference['image_size']))}, images/s by batch: {fps}")
-    print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "---|" * len(COLUMNS))
+    print("\n".join(table_header()))
     print(record["markdown_row"])
     out = Path(args.json or Path(cfg.runtime.output_dir) / f"benchmark-{device_slug(record['device'])}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -167,3 +167,18 @@ def bad_synth_root(synth_root, tmp_path_factory):
     shutil.copytree(synth_root, root)
     _plant_bad_data(root)
     return root
+
+
+def assert_report_covers(report_dict: dict, planted: dict) -> None:
+    """`report_dict` (a `SkipLedger.to_dict()` as written to data_report.json) lists each problem planted in the bad
+    corpus with its reason, and none of its valid odd images."""
+    items = {tuple(item) for item in report_dict["datasets"][0]["items"]}
+    for entry in planted["reader_items"]:
+        assert (entry["reason"], entry["record"]) in items, entry
+    unreadable = {e["file_name"]: e for e in report_dict["unreadable_images"]}
+    assert set(unreadable) == {e["file_name"] for e in planted["unreadable_images"]}
+    for entry in planted["unreadable_images"]:
+        assert entry["reason"] in unreadable[entry["file_name"]]["reason"], entry
+        assert unreadable[entry["file_name"]]["image_id"] == entry["image_id"]
+    skipped_names = set(unreadable) | {record for _, record in items}
+    assert not skipped_names & {e["file_name"] for e in planted["must_not_skip"]}

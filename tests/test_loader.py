@@ -12,7 +12,8 @@ from detkit.data.loader import TrainBatchSampler
 
 def _cfg(root, *overrides):
     return load_config(Config, None, [
-        f"data.train.annotations={root / 'annotations' / 'instances_train.json'}", f"data.train.images={root / 'train'}",
+        f"data.train.annotations={root / 'annotations' / 'instances_train.json'}",
+        f"data.train.images={root / 'train'}",
         f"data.val.annotations={root / 'annotations' / 'instances_val.json'}", f"data.val.images={root / 'val'}",
         "data.train_transform.mode=scale_jitter", "data.train_transform.output_size=96",
         "data.train_transform.scale_range=[0.5, 2.0]", "data.batch_size=4", "data.load_masks=true", *overrides])

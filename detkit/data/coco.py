@@ -61,27 +61,43 @@ class DataReport:
     annotations_kept: int = 0
     crowd_kept: int = 0
     categories: int = 0
-    counts: Counter = field(default_factory=Counter)
-    examples: dict = field(default_factory=dict)  # reason -> the first 5 records, for `format`
-    items: list = field(default_factory=list)  # (reason, record) of every record, both as str
+    items: list = field(default_factory=list)  # (reason, record) of every record, both as str, in report order
     extra: dict = field(default_factory=dict)  # further checks (e.g. image files) by name -> count
 
     def add(self, reason: str, records: Iterable[Any]) -> None:
         """Count one record of `reason` per entry of `records` (each an id or a file_name)."""
         if reason not in REASONS:
             raise KeyError(reason)
-        records = [str(r) for r in records]
-        if not records:
-            return
-        self.counts[reason] += len(records)
-        kept = self.examples.setdefault(reason, [])
-        kept.extend(records[:max(0, 5 - len(kept))])
-        self.items.extend((reason, r) for r in records)
+        self.items.extend((reason, str(r)) for r in records)
+
+    @property
+    def counts(self) -> Counter:
+        """Records per reason, reasons in the order they were first reported (a fresh Counter of `items`)."""
+        return Counter(reason for reason, _ in self.items)
+
+    @property
+    def examples(self) -> dict[str, list[str]]:
+        """The first 5 records of each reason, for `format`."""
+        examples: dict[str, list[str]] = {}
+        for reason, record in self.items:
+            kept = examples.setdefault(reason, [])
+            if len(kept) < 5:
+                kept.append(record)
+        return examples
+
+    def invalid_counts(self) -> dict[str, int]:
+        """Records removed for being invalid, {"images": n, "annotations": m} (not counting repairs or images
+        dropped for having no objects)."""
+        counts = {"images": 0, "annotations": 0}
+        for reason, n in self.counts.items():
+            if REASONS[reason] not in _FIXES and reason != "image: no annotations":
+                counts["images" if reason.startswith("image:") else "annotations"] += n
+        return counts
 
     @property
     def num_invalid(self) -> int:
         """Records removed for being invalid (not counting repairs or images dropped for having no objects)."""
-        return sum(n for r, n in self.counts.items() if REASONS[r] not in _FIXES and r != "image: no annotations")
+        return sum(self.invalid_counts().values())
 
     def format(self) -> str:
         lines = [f"dataset: {self.source}",
@@ -89,13 +105,14 @@ class DataReport:
                  f"  annotations: {self.annotations_kept:>9,} kept of {self.annotations_in:,}"
                  f" ({self.crowd_kept:,} crowd regions, used as ignore regions)",
                  f"  categories:  {self.categories:>9,}"]
-        if self.counts:
+        counts, examples = self.counts, self.examples
+        if counts:
             lines.append("  problems found:")
-            width = max(len(r) for r in self.counts)
+            width = max(len(r) for r in counts)
             for reason in REASONS:
-                n = self.counts.get(reason, 0)
+                n = counts.get(reason, 0)
                 if n:
-                    ex = self.examples.get(reason)
+                    ex = examples.get(reason)
                     ex_text = f"  e.g. {', '.join(str(e) for e in ex)}" if ex else ""
                     lines.append(f"    {reason:<{width}}  {n:>8,} {REASONS[reason]}{ex_text}")
         else:
@@ -105,10 +122,11 @@ class DataReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
+        examples = self.examples
         return {"source": self.source, "images_in": self.images_in, "annotations_in": self.annotations_in,
                 "images_kept": self.images_kept, "annotations_kept": self.annotations_kept,
                 "crowd_kept": self.crowd_kept, "categories": self.categories,
-                "problems": {r: {"count": n, "action": REASONS[r], "examples": self.examples.get(r, [])}
+                "problems": {r: {"count": n, "action": REASONS[r], "examples": examples.get(r, [])}
                              for r, n in self.counts.items()},
                 "items": [list(item) for item in self.items], "extra": dict(self.extra)}
 

@@ -25,7 +25,7 @@ def dataset_fingerprint(coco: CocoDataset, **options) -> dict:
         if isinstance(value, np.ndarray):
             value = np.ascontiguousarray(value)
             h.update(f"{value.dtype.str}{value.shape}".encode())
-            h.update(value.tobytes() if value.dtype.kind != "O" else "\0".join(map(str, value.tolist())).encode())
+            h.update(value.tobytes())
         else:
             h.update(repr(value).encode())
 

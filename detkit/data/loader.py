@@ -7,6 +7,7 @@ run can resume at any step by skipping ahead.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -70,23 +71,27 @@ class Batch:
     # (N,) float32 network pixels per original pixel, sqrt(|ax * ay|) of each meta's affine: sqrt(w * h) of a box
     # in the network divided by it is the box's sqrt(w * h) in the original image (TridentNet's size ranges)
     image_scales: torch.Tensor | None = None
-    # (image_id, file_name, reason) of every image skipped while loading this batch (the metas' `skipped`)
-    skipped: list = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    @property
+    def skipped(self) -> list:
+        """(image_id, file_name, reason) of every image skipped while loading this batch (the metas' `skipped`)."""
+        return [entry for meta in self.metas for entry in meta.skipped]
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        return Batch(self.images.to(device, non_blocking=non_blocking),
-                     self.image_sizes.to(device, non_blocking=non_blocking),
-                     [t.to(device, non_blocking) for t in self.targets], self.metas,
-                     None if self.image_scales is None else self.image_scales.to(device, non_blocking=non_blocking),
-                     skipped=self.skipped)
+        return dataclasses.replace(
+            self, images=self.images.to(device, non_blocking=non_blocking),
+            image_sizes=self.image_sizes.to(device, non_blocking=non_blocking),
+            targets=[t.to(device, non_blocking) for t in self.targets],
+            image_scales=None if self.image_scales is None else self.image_scales.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "Batch":
-        return Batch(self.images.pin_memory(), self.image_sizes.pin_memory(),
-                     [t.pin_memory() for t in self.targets], self.metas,
-                     None if self.image_scales is None else self.image_scales.pin_memory(), skipped=self.skipped)
+        return dataclasses.replace(
+            self, images=self.images.pin_memory(), image_sizes=self.image_sizes.pin_memory(),
+            targets=[t.pin_memory() for t in self.targets],
+            image_scales=None if self.image_scales is None else self.image_scales.pin_memory())
 
 
 class DetectionDataset(Dataset):
@@ -192,17 +197,21 @@ def collate(items: Sequence[tuple[Sample, ImageMeta]], size_divisibility: int = 
                                masks=sample.masks))
     scales = [math.sqrt(abs(m.affine[0] * m.affine[2])) for _, m in items]
     return Batch(images=images, image_sizes=torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2),
-                 targets=targets, metas=[m for _, m in items], image_scales=torch.tensor(scales, dtype=torch.float32),
-                 skipped=[entry for _, m in items for entry in m.skipped])
+                 targets=targets, metas=[m for _, m in items], image_scales=torch.tensor(scales, dtype=torch.float32))
 
 
-def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
-    """The augmentation seed of one sample, hashed from (run seed, epoch, rank, position).
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """The augmentation seed of one sample, hashed from (run seed, epoch, 0, position).
 
-    The training sampler passes rank 0 and the position in the whole epoch's permutation, so that a sample's seed
-    does not depend on how a step batch is split over ranks and micro-batches.
+    `position` is the place in the whole epoch's permutation, so that a sample's seed does not depend on how a step
+    batch is split over ranks and micro-batches. The 0 (once a rank) keeps the seeds of earlier runs.
     """
-    return int(np.random.SeedSequence([seed, epoch, rank, position]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed, epoch, 0, position]).generate_state(1)[0])
+
+
+def stream_state(seed: int, step_batch: int, steps_consumed: int) -> dict:
+    """The training stream's position after `steps_consumed` optimiser steps, in the checkpoint's `data` format."""
+    return {"scheme": 2, "seed": seed, "step_batch": step_batch, "steps_consumed": int(steps_consumed)}
 
 
 class TrainBatchSampler(Sampler):
@@ -241,7 +250,7 @@ class TrainBatchSampler(Sampler):
 
     def state(self, steps_consumed: int) -> dict:
         """The data position after `steps_consumed` optimiser steps, in the checkpoint's `data` format."""
-        return {"scheme": 2, "seed": self.seed, "step_batch": self.step_batch, "steps_consumed": int(steps_consumed)}
+        return stream_state(self.seed, self.step_batch, steps_consumed)
 
     def _step_batches(self) -> Iterator[list[tuple[int, int, int]]]:
         """Endless step batches of (index, epoch, position in the epoch's permutation) keys."""
@@ -267,7 +276,7 @@ class TrainBatchSampler(Sampler):
         for step in itertools.islice(self._step_batches(), self.start_step, None):
             for m in range(self.accumulate):
                 start = (m * self.world_size + self.rank) * size
-                yield [(index, sample_seed(self.seed, epoch, 0, position))
+                yield [(index, sample_seed(self.seed, epoch, position))
                        for index, epoch, position in step[start:start + size]]
 
 

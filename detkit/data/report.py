@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from .coco import REASONS, DataReport
+from .coco import DataReport
 from ..utils.fileio import write_json_atomic
 
 
@@ -37,11 +37,18 @@ class SkipLedger:
             else:
                 entry["count"] += 1
 
-    def merge(self, other: SkipLedger) -> None:
-        """Add another ledger's loader skips (e.g. another rank's), adding up the counts of shared images."""
-        for image_id, entry in other.unreadable.items():
-            mine = self.unreadable.setdefault(image_id, dict(entry, count=0))
-            mine["count"] += entry["count"]
+    def state(self) -> list[dict]:
+        """The loader skips as plain values, for a checkpoint: one {"image_id", "file_name", "reason", "count"}
+        per unreadable image, by image id."""
+        return [dict(self.unreadable[k]) for k in sorted(self.unreadable)]
+
+    def restore(self, entries: Iterable[dict]) -> None:
+        """Add loader skips saved by `state` (this or another ledger's), adding up the counts of shared images."""
+        for entry in entries:
+            image_id = int(entry["image_id"])
+            mine = self.unreadable.setdefault(image_id, {"image_id": image_id, "file_name": str(entry["file_name"]),
+                                                         "reason": str(entry["reason"]), "count": 0})
+            mine["count"] += int(entry["count"])
 
     @property
     def num_unreadable_images(self) -> int:
@@ -56,20 +63,16 @@ class SkipLedger:
         """Records left out as invalid (repairs and images without objects are not): images, annotations, files."""
         images = annotations = 0
         for report in self.reports:
-            for reason, n in report.counts.items():
-                if REASONS[reason] == "clipped" or reason == "image: no annotations":
-                    continue
-                if reason.startswith("image:"):
-                    images += n
-                else:
-                    annotations += n
+            invalid = report.invalid_counts()
+            images += invalid["images"]
+            annotations += invalid["annotations"]
         return {"images": images, "annotations": annotations, "files": self.num_unreadable_images}
 
     def to_dict(self) -> dict:
         """JSON-ready: the skipped counts, each reader report with every item, and each unreadable image."""
         return {"num_images": self.num_images, "skipped": self._counts(),
                 "datasets": [report.to_dict() for report in self.reports],
-                "unreadable_images": [self.unreadable[k] for k in sorted(self.unreadable)]}
+                "unreadable_images": self.state()}
 
     def write(self, path: str | Path) -> Path:
         """Write `to_dict()` as JSON at `path`, atomically (readers never see half a report)."""

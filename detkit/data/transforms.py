@@ -192,7 +192,8 @@ def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtyp
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-def normalize(images: torch.Tensor, image_sizes: torch.Tensor, input_cfg: InputConfig) -> torch.Tensor:
+def normalize(images: torch.Tensor, image_sizes: torch.Tensor, input_cfg: InputConfig,
+              mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 padded batch -> float network input: (pixel - mean) / std in the configured channel order.
 
     Padding stays exactly 0 after normalisation, as the backbone expects. Runs wherever `images` is (do it on
@@ -202,6 +203,8 @@ def normalize(images: torch.Tensor, image_sizes: torch.Tensor, input_cfg: InputC
         images: (N, 3, H, W) uint8 RGB, padded bottom/right.
         image_sizes: (N, 2) (height, width) of each image before padding.
         input_cfg: normalisation settings.
+        mean, std: (1, 3, 1, 1) float32 `input_cfg.pixel_mean` / `pixel_std` already on the images' device (the
+            detectors' non-persistent buffers); when None they are made from `input_cfg` (cached per device).
 
     Returns:
         (N, 3, H, W) float32.
@@ -209,8 +212,10 @@ def normalize(images: torch.Tensor, image_sizes: torch.Tensor, input_cfg: InputC
     x = images.float()
     if input_cfg.channel_order == "BGR":
         x = x.flip(1)
-    mean = _constant(tuple(input_cfg.pixel_mean), x.device, x.dtype).view(1, 3, 1, 1)
-    std = _constant(tuple(input_cfg.pixel_std), x.device, x.dtype).view(1, 3, 1, 1)
+    if mean is None:
+        mean = _constant(tuple(input_cfg.pixel_mean), x.device, x.dtype).view(1, 3, 1, 1)
+    if std is None:
+        std = _constant(tuple(input_cfg.pixel_std), x.device, x.dtype).view(1, 3, 1, 1)
     x = (x - mean) / std
     h, w = x.shape[-2:]
     sizes = image_sizes.to(x.device)

@@ -32,15 +32,14 @@ from ..config import Config, ConfigError
 from ..data.loader import Batch, ImageMeta, collate
 from ..data.synth import CATEGORIES, SynthSpec, render_image
 from ..data.transforms import Sample, TransformPipeline, resize
+from ..modeling.fold import FoldReport
 from .flops import input_size, measure, resolve_num_classes
-from .inference import autocast
+from .inference import autocast, load_detector, prepare_for_inference
 from .environment import environment
-from .zoo import config_hash, describe, markdown_row
+from .zoo import GIB, SCHEMA, config_hash, describe, markdown_row
 
 logger = logging.getLogger("detkit.benchmark")
 
-SCHEMA = 1
-GIB = 1 << 30
 MAX_RENDERS = 8  # distinct synthetic images, tiled up to the batch size
 TRAIN_BATCHES = 4  # at most this many distinct training batches (resize_short shapes vary between them)
 FIT_FRACTION = 0.8  # a CPU training batch must fit in this share of the available memory
@@ -301,14 +300,14 @@ def _render_short_side(transform) -> int:
     return transform.output_size if transform.mode == "scale_jitter" else max(transform.short_sizes)
 
 
-def synthetic_sample(index: int, short_side: int, *, num_classes: int, masks: bool, seed: int = 0) -> Sample:
+def synthetic_sample(index: int, short_side: int, *, num_classes: int, masks: bool) -> Sample:
     """A synthetic image (5-9 objects, some occluded, sometimes a crowd region) as an untransformed `Sample`.
 
     Labels are the shape classes taken modulo `num_classes`; crowd regions become ignore boxes; with `masks` each
     object carries its visible part as polygons, as the loader gives them.
     """
     spec = SynthSpec(min_size=short_side, max_size=short_side, min_objects=5, max_objects=9, gray_fraction=0.0,
-                     seed=seed)
+                     seed=0)
     image, _, annotations = render_image(index, spec)
     index_of = {cat_id: k for k, (cat_id, _) in enumerate(CATEGORIES)}
     boxes, labels, ignore, polygons = [], [], [], []
@@ -325,7 +324,7 @@ def synthetic_sample(index: int, short_side: int, *, num_classes: int, masks: bo
                   masks=polygons if masks else None)
 
 
-def synthetic_batches(cfg: Config, batch: int, count: int, *, train: bool, num_classes: int, seed: int = 0,
+def synthetic_batches(cfg: Config, batch: int, count: int, *, train: bool, num_classes: int,
                       exact_size: tuple[int, int] | None = None, samples: list[Sample] | None = None) -> list[Batch]:
     """`count` batches of `batch` synthetic images through the config's transforms and the loader's `collate`.
 
@@ -345,7 +344,7 @@ def synthetic_batches(cfg: Config, batch: int, count: int, *, train: bool, num_c
     pipeline = TransformPipeline(transform_cfg, train=train, min_box_size=cfg.data.min_box_size)
     if samples is None:
         short = _render_short_side(transform_cfg)
-        samples = [synthetic_sample(i, short, num_classes=num_classes, masks=cfg.data.load_masks, seed=seed)
+        samples = [synthetic_sample(i, short, num_classes=num_classes, masks=cfg.data.load_masks)
                    for i in range(min(MAX_RENDERS, batch * count))]
     # with aspect-ratio grouping the loader never mixes landscape and portrait images in a batch (which would pad
     # both to a square); the batches alternate between the groups, landscape first
@@ -362,7 +361,7 @@ def synthetic_batches(cfg: Config, batch: int, count: int, *, train: bool, num_c
             sample = group[(j * batch + i) % len(group)]
             if exact_size is not None:
                 sample = resize(sample, exact_size[1], exact_size[0])
-            rng = np.random.default_rng([seed, j, i]) if train else None
+            rng = np.random.default_rng([0, j, i]) if train else None
             transformed = pipeline(sample, rng)
             meta = ImageMeta(index=i, image_id=i, orig_size=sample.size, affine=transformed.affine)
             items.append((transformed, meta))
@@ -428,28 +427,38 @@ def benchmark_training(cfg: Config, options: BenchmarkOptions, num_classes: int,
     warmup, iters = _iters(options, device, "train")
     # built once, at the learning rate of the asked batch: a batch reduced to fit changes the speed, not the LR's
     step = build_train_step(cfg, num_classes, options.train_batch or config_batch, device)
+    # the warm-up visits every distinct batch shape once, so that no timed step builds new kernels
+    count = max(1, min(TRAIN_BATCHES, warmup))
+    probing = options.train_batch is None and device.type == "cpu" and config_batch > 2
+    # rendered once for every batch below (the batch that fits is at most the config's)
+    renders = min(MAX_RENDERS, max(2 if probing else 1, (options.train_batch or config_batch) * count))
+    short = _render_short_side(cfg.data.train_transform)
+    samples = [synthetic_sample(i, short, num_classes=num_classes, masks=cfg.data.load_masks)
+               for i in range(renders)]
+
+    def train_batches(b: int, c: int) -> list[Batch]:
+        """What synthetic_batches(cfg, b, c) renders itself: the first min(MAX_RENDERS, b * c) samples."""
+        return [_to_device(b_, device) for b_ in synthetic_batches(
+            cfg, b, c, train=True, num_classes=num_classes, samples=samples[:min(MAX_RENDERS, b * c)])]
+
     batch, reason, fit = config_batch, None, None
     if options.train_batch is not None:
         batch = options.train_batch
         reason = None if batch == config_batch else "--train-batch"
-    elif device.type == "cpu" and config_batch > 2:
+    elif probing:
         # one untimed step first: the optimiser's state (momentum) then exists before either probe, and does not
         # count as memory per image
-        step(iter([_to_device(synthetic_batches(cfg, 1, 1, train=True, num_classes=num_classes)[0], device)]))
+        step(iter(train_batches(1, 1)))
 
         def probe(b: int) -> int:
-            batches = [_to_device(b_, device) for b_ in synthetic_batches(cfg, b, 1, train=True,
-                                                                           num_classes=num_classes)]
+            batches = train_batches(b, 1)
             memory = RssMemory()
             memory.start()
             step(iter(batches))
             return memory.result()["peak_rss"]
 
         batch, reason, fit = fit_train_batch(config_batch, probe, available_memory())
-    # the warm-up visits every distinct batch shape once, so that no timed step builds new kernels
-    count = max(1, min(TRAIN_BATCHES, warmup))
-    batches = [_to_device(b, device) for b in synthetic_batches(cfg, batch, count, train=True,
-                                                                num_classes=num_classes)]
+    batches = train_batches(batch, count)
     stream = cycle(batches)
     kinds: list[str] = []
     memory = memory_probe(device)
@@ -501,11 +510,14 @@ def inference_sweep(run_at: Callable[[int], Timing], batch_sizes: Sequence[int],
 
 
 def benchmark_inference(cfg: Config, options: BenchmarkOptions, model: torch.nn.Module, num_classes: int,
-                        device: torch.device) -> dict:
+                        device: torch.device, fold_report: FoldReport | None = None) -> dict:
     """Frames per second of `model` (in eval mode, post-processing included) at each batch size.
 
     The images are synthetic, resized to the config's test size (`flops.input_size`: the size MACs are counted
     at) and already on the device.
+
+    Args:
+        fold_report: what `prepare_for_inference` folded in `model` (None: folding was off).
 
     Returns:
         the record's "inference" entry: "image_size" (padded), "per_batch", "fps_batch1" and "best".
@@ -517,12 +529,7 @@ def benchmark_inference(cfg: Config, options: BenchmarkOptions, model: torch.nn.
     samples = [synthetic_sample(i, short, num_classes=num_classes, masks=False)
                for i in range(min(MAX_RENDERS, max(sizes)))]
     model.eval()
-    fold = None
-    if cfg.runtime.fold_bn:  # folded by load_detector or run_benchmark; this pass finds nothing left to fold
-        from ..modeling.fold import fold_batchnorms
-
-        kept = fold_batchnorms(model).kept
-        fold = {"folded": getattr(model, "folded_norms", 0), "kept": kept}
+    fold = None if fold_report is None else {"folded": fold_report.folded, "kept": fold_report.kept}
 
     def run_at(batch: int) -> Timing:
         data = _to_device(synthetic_batches(cfg, batch, 1, train=False, num_classes=num_classes,
@@ -638,8 +645,6 @@ def run_benchmark(cfg: Config, options: BenchmarkOptions) -> dict:
                          batch)
             record["train"] = {"error": "oom", "batch": batch, "config_batch": cfg.data.batch_size,
                                "config_accumulate": cfg.solver.accumulate}
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
         t = record["train"]
         if "error" not in t:
             logger.info("training at batch %d: %.3f s/iter, %.1f images/s", t["batch"], t["s_per_iter"],
@@ -648,23 +653,18 @@ def run_benchmark(cfg: Config, options: BenchmarkOptions) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    model = categories = None
+    model = categories = fold_report = None
     if options.weights:
-        from .inference import load_detector
+        model, categories = load_detector(cfg, options.weights, device, prepare=False)
+    elif options.inference:  # random weights, prepared for inference as a trained model is
+        from ..modeling.build import build_model
 
-        model, categories = load_detector(cfg, options.weights, device)
+        model = build_model(cfg.model, num_classes)
+    if model is not None:
+        model, fold_report = prepare_for_inference(model, cfg.runtime, device)
     record["inference"] = None
     if options.inference:
-        if model is None:  # random weights, prepared for inference as load_detector prepares a trained model
-            from ..modeling.build import build_model
-            from ..modeling.fold import fold_batchnorms
-
-            model = build_model(cfg.model, num_classes).to(device).eval()
-            if cfg.runtime.fold_bn:
-                fold_batchnorms(model)
-            if cfg.runtime.channels_last:
-                model = model.to(memory_format=torch.channels_last)
-        record["inference"] = benchmark_inference(cfg, options, model, num_classes, device)
+        record["inference"] = benchmark_inference(cfg, options, model, num_classes, device, fold_report)
 
     record["accuracy"] = None
     annotations = cfg.data.val.annotations

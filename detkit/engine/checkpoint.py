@@ -12,7 +12,7 @@ import re
 import struct
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -233,10 +233,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     try:
         state = torch_load_weights_only(path, map_location=map_location)
     except UnsafePickleError as e:
-        what = f" ({e.what})" if e.what else ""
-        raise CheckpointError(
-            f"checkpoint {path} contains Python objects{what} that detkit refuses to execute; only tensors, "
-            "numbers, strings and containers of them can be loaded") from None
+        raise CheckpointError(f"checkpoint {e}") from None  # it names the file and the refused object
     except pickle.UnpicklingError as e:
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
         raise CheckpointError(f"checkpoint {path} is corrupt or not a PyTorch checkpoint"
@@ -286,24 +283,24 @@ def find_last_checkpoint(directory: str | Path) -> Path | None:
     return candidates[0] if candidates else None
 
 
-def load_latest_good(directory: str | Path, map_location: str | torch.device = "cpu",
-                     candidates: Iterable[Path] | None = None) -> tuple[Path, dict, list[tuple[Path, str]]]:
+def load_latest_good(directory: str | Path,
+                     map_location: str | torch.device = "cpu") -> tuple[Path, dict, list[tuple[Path, str]]] | None:
     """Load the best checkpoint of a run folder that is intact, falling back past damaged ones.
 
     Args:
         directory: the run folder.
         map_location: where tensors are placed.
-        candidates: the files to try in order (default: `checkpoint_candidates(directory)`).
 
     Returns:
-        (path, state, rejected): the file loaded, its contents, and each file tried before it with the reason.
+        (path, state, rejected): the file loaded, its contents, and each file tried before it with the reason; None
+        when the folder holds no checkpoint at all.
 
     Raises:
-        CheckpointError: no candidate loads (the message lists every file and why), or there is none.
+        CheckpointError: there are checkpoints but none loads (the message lists every file and why).
     """
-    candidates = list(checkpoint_candidates(directory) if candidates is None else candidates)
+    candidates = checkpoint_candidates(directory)
     if not candidates:
-        raise CheckpointError(f"no checkpoint in {directory}")
+        return None
     rejected: list[tuple[Path, str]] = []
     for path in candidates:
         try:

@@ -47,8 +47,14 @@ class DivergenceGuard:
             return "skip"
         self.consecutive += 1
         if self.cfg.max_bad_steps and self.consecutive >= self.cfg.max_bad_steps:
-            return "stop" if self.rollbacks >= self.cfg.max_rollbacks else "rollback"
+            return self.escalate()
         return "skip"
+
+    def escalate(self) -> Action:
+        """What training cannot go on without: "rollback" while rollbacks are allowed (max_bad_steps > 0 and fewer
+        than max_rollbacks so far), else "stop"."""
+        can_roll_back = self.cfg.max_bad_steps > 0 and self.rollbacks < self.cfg.max_rollbacks
+        return "rollback" if can_roll_back else "stop"
 
     def rolled_back(self) -> float:
         """Record a rollback; returns the new learning-rate scale."""

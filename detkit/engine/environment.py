@@ -18,38 +18,28 @@ def _repo_root() -> Path | None:
     return None
 
 
-def git_commit(root: Path) -> str | None:
-    """HEAD's commit, read from the .git folder's files (no git process), or None."""
-    git = root / ".git"
+def _git(root: Path, *args: str) -> str | None:
+    """The output of `git args...` run in `root` (without taking the index lock), or None when git is missing or
+    fails."""
     try:
-        if git.is_file():  # a worktree: "gitdir: <path>"
-            git = (root / git.read_text().split(":", 1)[1].strip()).resolve()
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref:"):
-            return head if re.fullmatch(r"[0-9a-f]{40}", head) else None
-        ref = head.split(":", 1)[1].strip()
-        common = git / (git / "commondir").read_text().strip() if (git / "commondir").is_file() else git
-        for base in (git, common):
-            if (base / ref).is_file():
-                return (base / ref).read_text().strip()
-        packed = common / "packed-refs"
-        if packed.is_file():
-            for line in packed.read_text().splitlines():
-                if line.endswith(" " + ref):
-                    return line.split()[0]
-    except (OSError, IndexError):
-        pass
-    return None
+        out = subprocess.run(["git", "--no-optional-locks", *args], cwd=root, capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_commit(root: Path) -> str | None:
+    """HEAD's commit (`git rev-parse HEAD`), or None."""
+    out = _git(root, "rev-parse", "HEAD")
+    commit = out.strip() if out is not None else ""
+    return commit if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", commit) else None
 
 
 def git_dirty(root: Path) -> bool | None:
-    """Whether tracked files differ from HEAD (`git status`, without taking the index lock), or None."""
-    try:
-        out = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
-                             cwd=root, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return bool(out.stdout.strip()) if out.returncode == 0 else None
+    """Whether tracked files differ from HEAD (`git status`), or None."""
+    out = _git(root, "status", "--porcelain", "--untracked-files=no")
+    return bool(out.strip()) if out is not None else None
 
 
 def _cpu_name() -> str:

@@ -130,7 +130,7 @@ def evaluate_model(model: nn.Module, dataset: DetectionDataset, loader, device: 
             "images_per_second": num_images / max(seconds, 1e-9)}
 
 
-def load_detector(cfg, weights: str, device: torch.device) -> tuple[nn.Module, list[dict]]:
+def load_detector(cfg, weights: str, device: torch.device, *, prepare: bool = True) -> tuple[nn.Module, list[dict]]:
     """Build cfg's model for inference and load `weights` (detkit checkpoint, torchvision RetinaNet or Faster/Mask
     R-CNN, .safetensors).
 
@@ -138,7 +138,8 @@ def load_detector(cfg, weights: str, device: torch.device) -> tuple[nn.Module, l
     validation annotations; with label_space coco91, output k is COCO category id k.
 
     Returns:
-        (model in eval mode on `device`, categories as [{"id", "name"}] in output order).
+        (model in eval mode on `device`, prepared by `prepare_for_inference` unless `prepare` is False,
+         categories as [{"id", "name"}] in output order).
     """
     from ..data.coco import load_json
     from ..modeling.build import build_model
@@ -164,11 +165,25 @@ def load_detector(cfg, weights: str, device: torch.device) -> tuple[nn.Module, l
     if report.unexpected or any(not k.endswith("loss_normalizer") for k in report.missing):
         raise WeightsError(f"{weights} does not fit this config (was it trained with another one?):\n"
                            f"{report.summary()}")
+    if not prepare:  # the caller runs prepare_for_inference itself (to keep its report)
+        return model, categories
+    model, _ = prepare_for_inference(model, cfg.runtime, device)
+    return model, categories
+
+
+def prepare_for_inference(model: nn.Module, runtime, device: torch.device):
+    """`model` on `device` in eval mode, its batch norms folded (`runtime.fold_bn`) and in channels_last memory
+    (`runtime.channels_last`): how eval, predict and the benchmark run a detector.
+
+    Returns:
+        (model, the `FoldReport`, or None when folding is off).
+    """
     model = model.to(device).eval()
-    if cfg.runtime.fold_bn:
+    report = None
+    if runtime.fold_bn:
         from ..modeling.fold import fold_batchnorms
 
-        fold_batchnorms(model)
-    if cfg.runtime.channels_last:
+        report = fold_batchnorms(model)
+    if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model, categories
+    return model, report

@@ -47,15 +47,19 @@ class Split:
                 f"({self.outside_unprofiled:.1%} of the unprofiled one); the rest by kind: {rest}")
 
 
-def _is_core_root(event) -> bool:
-    if event.name not in CORE_OPS:
-        return False
+def _inside_core(event) -> bool:
+    """Whether a core op encloses `event` (a slow conv path calls addmm inside convolution)."""
     parent = event.cpu_parent
-    while parent is not None:  # a slow conv path calls addmm inside convolution: count the outer call only
+    while parent is not None:
         if parent.name in CORE_OPS:
-            return False
+            return True
         parent = parent.cpu_parent
-    return True
+    return False
+
+
+def _is_core_root(event) -> bool:
+    """An outermost core op: counted once, with everything it calls."""
+    return event.name in CORE_OPS and not _inside_core(event)
 
 
 def _bucket(name: str) -> str:
@@ -89,16 +93,8 @@ def op_time_split(step: Callable[[], object], warmup: int = 1, timed: int = 2, a
     core = sum(e.cpu_time_total for e in events if _is_core_root(e)) / 1e6
     buckets: dict[str, float] = {}
     for e in events:
-        if e.name in CORE_OPS or not e.name.startswith("aten::"):
-            continue
-        core_inside = False
-        parent = e.cpu_parent
-        while parent is not None:
-            if parent.name in CORE_OPS:
-                core_inside = True
-                break
-            parent = parent.cpu_parent
-        if not core_inside:
-            buckets[_bucket(e.name)] = buckets.get(_bucket(e.name), 0.0) + e.self_cpu_time_total / 1e6 / wall
+        if e.name.startswith("aten::") and e.name not in CORE_OPS and not _inside_core(e):
+            bucket = _bucket(e.name)
+            buckets[bucket] = buckets.get(bucket, 0.0) + e.self_cpu_time_total / 1e6 / wall
     step_seconds = statistics.median(times)
     return Split(step_seconds, wall, core, 1 - core / wall, 1 - core / (active * step_seconds), buckets)

@@ -8,7 +8,9 @@ import threading
 
 logger = logging.getLogger("detkit.train")
 
-STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s)
+# by name: the training step's all-reduce carries one flag per name, in this order
+STOP_SIGNAL_NAMES = ("SIGTERM", "SIGUSR1")
+STOP_SIGNALS = tuple(getattr(signal, name) for name in STOP_SIGNAL_NAMES if hasattr(signal, name))
 
 
 class StopRequest:
@@ -29,10 +31,6 @@ class StopRequest:
         # only set the flag: logging here could re-enter a stream the interrupted code is writing to
         if self.signal_name is None:  # a second signal while stopping changes nothing
             self.signal_name = signal.Signals(signum).name
-
-    def request(self, name: str) -> None:
-        """Ask for a stop as if signal `name` had arrived (used to spread one rank's signal to all ranks)."""
-        self.signal_name = self.signal_name or name
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():

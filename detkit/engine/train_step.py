@@ -15,8 +15,8 @@ from torch import nn
 from .distributed import all_reduce_sum
 from .divergence import StepKind, classify_step
 from .inference import autocast
+from .signals import STOP_SIGNAL_NAMES
 
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 
 @dataclass
@@ -60,6 +60,7 @@ class TrainStep:
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.device, self.amp, self.accumulate = device, amp, accumulate
         self.clip_grad_norm, self.world_size, self.step_normalized = clip_grad_norm, world_size, step_normalized
+        self.params = list(model.parameters())
 
     def __call__(self, batches: Iterator, stop: str | None = None,
                  on_batch: Callable[[object], None] | None = None) -> StepResult:
@@ -72,9 +73,10 @@ class TrainStep:
         """
         world, accumulate = self.world_size, self.accumulate
         # with the step normaliser each micro-batch's loss is divided by an estimate and the gradients are rescaled
-        # to the whole step's normaliser once it is known
+        # to the whole step's normaliser once it is known; otherwise each micro-batch counts 1/accumulate
         d_est = self.model.normalizer_estimate() if self.step_normalized else None
-        sums: dict[str, torch.Tensor] = {}  # loss terms x d_est (step normaliser), or means over micro-batches
+        loss_weight = d_est if d_est is not None else 1.0 / accumulate
+        sums: dict[str, torch.Tensor] = {}  # the step's loss terms x loss_weight; other values averaged
         num_fg, num_images = torch.zeros((), device=self.device), 0
         for m in range(accumulate):
             batch = next(batches)
@@ -89,51 +91,41 @@ class TrainStep:
                     losses = self.train_model(batch.images, batch.image_sizes, batch.targets,
                                               image_scales=batch.image_scales, **extra)
                 loss = sum(v for k, v in losses.items() if k.startswith("loss"))
-                if d_est is None:
-                    loss = loss / accumulate
-                self.scaler.scale(loss).backward()
-            if d_est is None:
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float() / accumulate
-                sums["loss"] = sums.get("loss", 0) + loss.detach().float()
-            else:
-                num_fg = num_fg + losses["num_fg_total"].float()
+                self.scaler.scale(loss if d_est is not None else loss / accumulate).backward()
+            if d_est is not None:
+                num_fg = num_fg + losses.pop("num_fg_total").float()
                 num_images += len(batch)
-                for k, v in losses.items():
-                    if k.startswith("loss"):
-                        sums[k] = sums.get(k, 0) + v.detach().float() * d_est
-                    elif k != "num_fg_total":
-                        sums[k] = sums.get(k, 0) + v.detach().float() / accumulate
+            for k, v in losses.items():
+                weight = loss_weight if k.startswith("loss") else 1.0 / accumulate
+                sums[k] = sums.get(k, 0) + v.detach().float() * weight
         names = sorted(sums, key=lambda k: not k.startswith("loss"))  # loss terms first (stable)
         num_losses = sum(k.startswith("loss") for k in names)
         # built with fills, not from Python lists: a host-to-device copy would make the step wait for the GPU
-        flags = torch.zeros(len(STOP_SIGNALS), device=self.device)
-        if stop in STOP_SIGNALS:
-            flags[STOP_SIGNALS.index(stop)].fill_(1.0)
-        packed = torch.cat([torch.stack([torch.as_tensor(sums[k], device=self.device).float() for k in names]
-                                        + [num_fg.float(), torch.full((), float(num_images), device=self.device)]),
-                            flags])
+        flags = torch.zeros(len(STOP_SIGNAL_NAMES), device=self.device)
+        if stop in STOP_SIGNAL_NAMES:
+            flags[STOP_SIGNAL_NAMES.index(stop)].fill_(1.0)
+        packed = torch.cat([torch.stack([sums[k] for k in names]
+                                        + [num_fg, torch.full((), float(num_images), device=self.device)]), flags])
         packed = all_reduce_sum(packed)  # no-op in one process
-        if d_est is None:
-            means = packed[:len(names)] / world
-        else:
+        loss_divisor = world
+        if d_est is not None:
             d_true = self.model.step_normalizer(packed[len(names)], packed[len(names) + 1])
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grads = [p.grad for p in self.params if p.grad is not None]
             # DDP averaged the gradients over ranks; the step's loss is their sum over d_true
             torch._foreach_mul_(grads, (d_est * world / d_true).to(grads[0].dtype))
-            means = torch.cat([packed[:num_losses] / d_true, packed[num_losses:len(names)] / world])
+            loss_divisor = d_true
+        means = torch.cat([packed[:num_losses] / loss_divisor, packed[num_losses:len(names)] / world])
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         # the global gradient norm (clipped when set) also tells a NaN gradient apart
         max_norm = self.clip_grad_norm if self.clip_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         # one host sync per step, for logging, the finiteness check and stop requests
-        numbers = torch.cat([means, packed[-2:], grad_norm.reshape(1).float()]).tolist()
+        numbers = torch.cat([means, packed[-len(STOP_SIGNAL_NAMES):], grad_norm.reshape(1).float()]).tolist()
         values = dict(zip(names, numbers[:len(names)]))
-        if d_est is not None:
-            values["loss"] = sum(v for k, v in values.items() if k.startswith("loss"))
+        values["loss"] = sum(v for k, v in values.items() if k.startswith("loss"))
         values["grad_norm"] = numbers[-1]
-        agreed = "SIGUSR1" if numbers[-2] else "SIGTERM" if numbers[-3] else None
+        agreed = next((name for name, count in zip(STOP_SIGNAL_NAMES, numbers[len(names):-1]) if count), None)
         kind = classify_step(math.isfinite(values["loss"]), math.isfinite(values["grad_norm"]),
                              self.scaler.is_enabled())
         if kind == "ok":

@@ -17,7 +17,7 @@ from .. import __version__
 from ..config import Config, ConfigError, dump_yaml, to_dict
 from ..data.coco import DatasetError
 from ..data.fingerprint import dataset_fingerprint
-from ..data.loader import build_dataset, build_test_loader, build_train_loader
+from ..data.loader import build_dataset, build_test_loader, build_train_loader, stream_state
 from ..data.report import SkipLedger
 from ..modeling.build import build_model
 from .checkpoint import (DISK_FULL, CheckpointError, load_checkpoint, load_latest_good, non_finite_tensors,
@@ -296,13 +296,15 @@ class Trainer:
         state = None
         if self.dist.is_main:
             try:
-                path, state, rejected = load_latest_good(self.out)
+                found = load_latest_good(self.out)
             except CheckpointError as e:
-                choice = ("none", "") if "no checkpoint in" in str(e) else ("error", str(e))
+                choice = ("error", str(e))
             else:
-                for bad, reason in rejected:
-                    logger.warning("cannot %s %s (%s); falling back to %s", purpose, bad.name, reason, path.name)
-                choice = ("path", str(path))
+                if found is not None:
+                    path, state, rejected = found
+                    for bad, reason in rejected:
+                        logger.warning("cannot %s %s (%s); falling back to %s", purpose, bad.name, reason, path.name)
+                    choice = ("path", str(path))
         kind, value = broadcast_object(choice)
         if kind == "error":
             raise CheckpointError(value)
@@ -323,11 +325,6 @@ class Trainer:
         return Path(value), state
 
     # -- checkpoints ---------------------------------------------------------------------------------------
-    @property
-    def step_batch(self) -> int:
-        """Images one optimiser step takes from the data stream."""
-        return self.total_batch
-
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue bit for bit, in plain values and tensors only (a collective
         with several processes: every rank's random streams are gathered)."""
@@ -337,12 +334,11 @@ class Trainer:
                 "iteration": self.iteration, "best_metric": self.best_metric, "skipped_steps": self.skipped_steps,
                 "rng": rngs[0], "rng_per_rank": rngs, "config": to_dict(self.cfg), "detkit_version": __version__,
                 "categories": self.categories,
-                "data": {"scheme": 2, "seed": self.cfg.runtime.seed, "step_batch": self.step_batch,
-                         "steps_consumed": self.data_position},
+                "data": stream_state(self.cfg.runtime.seed, self.total_batch, self.data_position),
                 "dataset": dict(self.dataset_info), "world_size": self.dist.world_size,
                 "rollbacks": self.guard.rollbacks, "lr_scale": self.guard.lr_scale,
                 "bad_streak": self.guard.consecutive,
-                "unreadable_images": [dict(e) for e in self.ledger.unreadable.values()]}
+                "unreadable_images": self.ledger.state()}
 
     def save(self, name: str | None = None) -> Path:
         """Write a checkpoint (default `model_{iteration}.pth`) and its checksum, keeping the last K.
@@ -418,8 +414,7 @@ class Trainer:
                                      float(state.get("lr_scale", 1.0)))
         self.guard.consecutive = int(state.get("bad_streak", 0))
         # the images found unreadable up to the checkpoint (later ones are drawn again and found again)
-        for e in state.get("unreadable_images", []):
-            self.ledger.add_skipped([(int(e["image_id"]), str(e["file_name"]), str(e["reason"]))] * int(e["count"]))
+        self.ledger.restore(state.get("unreadable_images", []))
         if self.guard.lr_scale != 1.0:
             self._apply_lr_scale()
         data_state = state.get("data")
@@ -429,7 +424,7 @@ class Trainer:
             consumed = int(data_state["steps_consumed"])
             old_batch = int(data_state["step_batch"])
             # a changed batch layout (allowed with allow_changes) restarts the stream at the same image
-            self.data_position = consumed if old_batch == self.step_batch else consumed * old_batch // self.step_batch
+            self.data_position = consumed * old_batch // self.total_batch
         logger.info("resumed from %s at iteration %d", path, self.iteration)
 
     def _check_resume_compatibility(self, state: dict, path: Path) -> None:
@@ -451,8 +446,8 @@ class Trainer:
         if state.get("world_size", 1) != self.dist.world_size:
             problems.append(f"the run had {state.get('world_size', 1)} processes and now has "
                             f"{self.dist.world_size}; per-process random streams cannot continue exactly")
-        if data_state is not None and int(data_state["step_batch"]) != self.step_batch:
-            problems.append(f"one step takes {self.step_batch} images now but took {data_state['step_batch']} "
+        if data_state is not None and int(data_state["step_batch"]) != self.total_batch:
+            problems.append(f"one step takes {self.total_batch} images now but took {data_state['step_batch']} "
                             "(batch size x accumulation x processes); the data stream cannot continue exactly")
         version = state.get("detkit_version")
         if version is not None and version != __version__:
@@ -566,8 +561,8 @@ class Trainer:
                 images_since_log += self.total_batch
                 smoothed.update(losses)
                 if bar is not None and "loss" in smoothed.meters:
-                    means = smoothed.medians()
-                    bar.set_postfix(loss=f"{means['loss']:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                    bar.set_postfix(loss=f"{smoothed['loss'].median:.3f}",
+                                    lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                                     img_s=f"{self.total_batch / (time.perf_counter() - step_start):.1f}",
                                     refresh=False)
                     bar.update()
@@ -576,12 +571,13 @@ class Trainer:
                     now = time.perf_counter()
                     speed = images_since_log / (now - last_log)
                     lr = self.optimizer.param_groups[0]["lr"]
-                    self.writer.write(self.iteration, {**smoothed.medians(), "lr": lr, "images_per_second": speed,
+                    medians = smoothed.medians()
+                    self.writer.write(self.iteration, {**medians, "lr": lr, "images_per_second": speed,
                                                        "skipped_steps": self.skipped_steps})
                     if bar is None and "loss" in smoothed.meters:  # no progress bar: one log line instead
                         eta = (self.max_iter - self.iteration) * self.total_batch / max(speed, 1e-9)
                         logger.info("iteration %d/%d: loss %.4f, lr %.3g, %.1f img/s, eta %s", self.iteration,
-                                    self.max_iter, smoothed.medians()["loss"], lr, speed, _duration(eta))
+                                    self.max_iter, medians["loss"], lr, speed, _duration(eta))
                     last_log, images_since_log = now, 0
                 if rt.checkpoint_period and self.iteration % rt.checkpoint_period == 0 \
                         and self.iteration < self.max_iter:
@@ -604,7 +600,6 @@ class Trainer:
         path = self.out / f"model_{self.iteration:07d}.pth"
         if saved_at != self.iteration:
             path = self.save()
-        self._sync_skips()
         self.writer.close()
         logger.warning("stopped by %s at iteration %d/%d; checkpoint %s; continue with --resume", signal_name,
                        self.iteration, self.max_iter, path.name)
@@ -618,9 +613,7 @@ class Trainer:
         except NonFiniteStateError as e:
             # finite losses but non-finite weights (e.g. an overflow in a buffer): training cannot go on from here
             logger.error("iteration %d: %s", self.iteration, e)
-            div = self.cfg.solver.divergence
-            can_roll_back = div.max_bad_steps > 0 and self.guard.rollbacks < div.max_rollbacks
-            self._rollback("rollback" if can_roll_back else "stop", "the weights became non-finite")
+            self._rollback(self.guard.escalate(), "the weights became non-finite")
             return False
 
     def _rollback(self, action: str, reason: str = "") -> None:

@@ -390,9 +390,13 @@ def _is_stale(record: Mapping[str, Any], path: Path, cfg: Config) -> bool:
     return config_hash(cfg) != record["config"]["sha256"]
 
 
+def table_header(columns: Sequence[str] = COLUMNS) -> list[str]:
+    """A markdown table's header and alignment lines for `columns` (default: a `markdown_row`'s COLUMNS)."""
+    return [_table_row(columns), "|" + "---|" * len(columns)]
+
+
 def _table(rows: Sequence[Sequence[str]]) -> list[str]:
-    header = [*COLUMNS, *LINK_COLUMNS]
-    return [_table_row(header), "|" + "---|" * len(header), *(_table_row(r) for r in rows)]
+    return [*table_header((*COLUMNS, *LINK_COLUMNS)), *(_table_row(r) for r in rows)]
 
 
 def _intro(records_label: str) -> list[str]:

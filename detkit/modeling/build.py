@@ -162,8 +162,8 @@ def build_two_stage(cfg: ModelConfig, num_classes: int) -> TwoStageDetector:
                             roi_features=roi_features, box_pooler=pooler(r.pooler_resolution, r.sampling_ratio),
                             stages=stages, input_cfg=cfg.input, cfg=r, mask_pooler=mask_pooler, mask_head=mask_head,
                             mask_cfg=cfg.mask_head,
-                            trident=TridentBranches(cfg.trident.valid_ranges, cfg.trident.scale_aware,
-                                                    cfg.trident.anchor_ignore_iou) if cfg.trident.enabled else None)
+                            trident=TridentBranches(cfg.trident.valid_ranges, cfg.trident.scale_aware)
+                            if cfg.trident.enabled else None)
 
 
 # the one table from config names to builders

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .backbones.resnet import BasicBlock, Bottleneck, ResNet
-from .norm import FrozenBatchNorm2d
+from .norm import FrozenBatchNorm2d, bn_scale_shift
 
 _BATCH_NORMS = (FrozenBatchNorm2d, nn.BatchNorm2d, nn.SyncBatchNorm)
 
@@ -51,18 +51,14 @@ def fold_batchnorms(model: nn.Module) -> FoldReport:
     """Merge every frozen or eval-mode batch norm that follows a convolution into it, in place.
 
     Returns:
-        How many norm layers were folded and how many were kept. The model's `folded_norms` attribute counts every
-        fold done on it.
+        How many norm layers were folded and how many were kept.
     """
     folded = 0
     for parent, conv_name, norm_name in list(_pairs(model)):
         conv, norm = getattr(parent, conv_name), getattr(parent, norm_name)
         if not isinstance(conv, nn.Conv2d) or not _foldable(norm):
             continue
-        weight = norm.weight if norm.weight is not None else torch.ones_like(norm.running_var)
-        bias = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_mean)
-        scale = weight.float() * (norm.running_var.float() + norm.eps).rsqrt()
-        shift = bias.float() - norm.running_mean.float() * scale
+        scale, shift = bn_scale_shift(norm, torch.float32)
         new_weight = conv.weight.float() * scale.view(-1, 1, 1, 1)
         new_bias = shift if conv.bias is None else conv.bias.float() * scale + shift
         # new Parameters: a weight another module shares (TridentNet's branches share one conv) stays intact
@@ -71,5 +67,4 @@ def fold_batchnorms(model: nn.Module) -> FoldReport:
         setattr(parent, norm_name, nn.Identity())
         folded += 1
     kept = sum(isinstance(m, (*_BATCH_NORMS, nn.GroupNorm)) for m in model.modules())
-    model.folded_norms = getattr(model, "folded_norms", 0) + folded  # for reports of the model later on
     return FoldReport(folded, kept)

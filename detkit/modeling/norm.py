@@ -7,6 +7,22 @@ from torch import Tensor, nn
 NORMS = ("FrozenBN", "BN", "SyncBN", "GN")
 
 
+def bn_scale_shift(norm: nn.Module, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """(C,) scale and shift of a batch norm with fixed statistics: `norm(x) == x * scale + shift` per channel.
+
+    `norm` is a FrozenBatchNorm2d or a BatchNorm2d/SyncBatchNorm with running statistics (a missing affine weight
+    or bias counts as 1 or 0). With `dtype` the statistics are cast to it first (fold_batchnorms: float32).
+    """
+    weight = norm.weight if norm.weight is not None else torch.ones_like(norm.running_var)
+    bias = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_mean)
+    mean, var = norm.running_mean, norm.running_var
+    if dtype is not None:
+        weight, bias, mean, var = (t.to(dtype) for t in (weight, bias, mean, var))
+    scale = weight * (var + norm.eps).rsqrt()
+    shift = bias - mean * scale
+    return scale, shift
+
+
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm with fixed statistics and affine parameters (buffers, not parameters).
 
@@ -27,8 +43,7 @@ class FrozenBatchNorm2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
+        scale, shift = bn_scale_shift(self)
         # (C,) -> (1, C, 1, 1), in the input's dtype so autocast stays in half precision
         return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
 

@@ -12,7 +12,7 @@ appends the ground truth to the proposals, which `TwoStageDetector` mirrors).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -90,12 +90,12 @@ class TridentBranches:
     Args:
         valid_ranges: per branch (low, high) of sqrt(w * h) in original-image pixels.
         scale_aware: False ignores the ranges everywhere (Trident-Fast training in SimpleDet, detectron2).
-        anchor_ignore_iou: RPN anchors above this IoU with an out-of-range box are ignored (SimpleDet 0.3).
     """
 
     valid_ranges: Sequence[Sequence[float]]
     scale_aware: bool = True
-    anchor_ignore_iou: float = 0.3
+    # per device: (the valid_ranges the tensor was built from, (B, 2) float32 tensor); rebuilt when they change
+    _ranges_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_branches(self) -> int:
@@ -111,7 +111,16 @@ class TridentBranches:
         if not self.scale_aware or num_active != self.num_branches:
             return None
         scales = torch.ones(num_images, device=device) if image_scales is None else image_scales.to(device)
-        return branch_ranges(torch.tensor(self.valid_ranges, dtype=torch.float32, device=device), scales.float())
+        return branch_ranges(self._valid_ranges_tensor(device), scales.float())
+
+    def _valid_ranges_tensor(self, device: torch.device) -> Tensor:
+        """(B, 2) float32 `valid_ranges` on `device`, built once per device (and again if the ranges change)."""
+        key = tuple(tuple(float(v) for v in r) for r in self.valid_ranges)
+        cached = self._ranges_cache.get(torch.device(device))
+        if cached is None or cached[0] != key:
+            cached = (key, torch.tensor(key, dtype=torch.float32, device=device))
+            self._ranges_cache[torch.device(device)] = cached
+        return cached[1]
 
     @staticmethod
     def fold(image_sizes: Tensor, targets: list | None, num_branches: int) -> tuple[Tensor, list | None]:

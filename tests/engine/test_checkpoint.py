@@ -168,6 +168,7 @@ def test_candidates_and_fallback_skip_damaged_files(tmp_path, how, reason):
     assert [p.name for p in checkpoint_candidates(tmp_path)] == ["model_0000006.pth", "model_0000004.pth",
                                                                  "model_0000002.pth"]
     _damage(tmp_path / "model_0000006.pth", how)
+    assert load_latest_good(tmp_path / "no-run-here") is None  # nothing to resume is not an error
     path, state, rejected = load_latest_good(tmp_path)
     assert path.name == "model_0000004.pth" and state["iteration"] == 4
     assert [(p.name, reason in r) for p, r in rejected] == [("model_0000006.pth", True)]

@@ -8,7 +8,7 @@ from torch import nn
 from detkit.config import Config, ConfigError, load_config
 from detkit.config.schema import SPINENET_MODEL_IDS, BackboneConfig, ModelConfig, RoIHeadsConfig, SpineNetConfig
 from detkit.modeling.backbones import spinenet
-from detkit.modeling.backbones.spinenet import (BLOCK_SPECS, SCALING, Bottleneck, DropBlock, Resample, Scaling,
+from detkit.modeling.backbones.spinenet import (BLOCK_SPECS, SCALING, Block, DropBlock, Resample, Scaling,
                                                 SpineNet, drop_connect, max_pool2d_same)
 from detkit.modeling.build import build_model
 from detkit.modeling.norm import FrozenBatchNorm2d
@@ -44,7 +44,8 @@ def test_block_widths_truncate(model_id, widths):
     assert net.blocks[3][0].conv1.out_channels == widths[2]
     assert len(net.blocks[0]) == len(net.stem_groups[1]) == repeats
     # the only projection shortcut of the trunk is the first stem block's (64 -> 4 x L2 width)
-    projections = [name for name, m in net.named_modules() if isinstance(m, Bottleneck) and m.downsample is not None]
+    projections = [name for name, m in net.named_modules() if isinstance(m, Block) and m.kind == "bottleneck"
+                   and m.downsample is not None]
     assert projections == ["stem_groups.0.0"]
 
 

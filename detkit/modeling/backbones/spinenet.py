@@ -151,19 +151,29 @@ def _projection(in_channels: int, out_channels: int, norm: NormFactory) -> nn.Mo
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), norm(out_channels))
 
 
-class Bottleneck(nn.Module):
-    """1x1 -> 3x3 -> 1x1 (4 x width) convs, each with a norm, the first two with the activation; stochastic depth
-    on the branch, the shortcut sum, the activation (TPU `bottleneck_block` at stride 1). The shortcut projects
-    (1x1 conv + norm) only when the input width differs from 4 x width. DropBlock, as in TPU `nn_blocks`, follows
-    every norm (after its activation) and the shortcut, projected or not."""
+class Block(nn.Module):
+    """A SpineNet block at stride 1 (TPU `bottleneck_block` / `residual_block`): convs with a norm each, the
+    activation after every norm but the last, stochastic depth on the branch, the shortcut sum, the activation.
 
-    def __init__(self, in_channels: int, width: int, norm: NormFactory, activation: ActivationFactory,
+    kind "bottleneck": 1x1 -> 3x3 -> 1x1 convs, output 4 x width; kind "residual": two 3x3 convs, output width.
+    The shortcut projects (1x1 conv + norm) only when the input width differs from the output. DropBlock, as in
+    TPU `nn_blocks`, follows every norm (after its activation) and the shortcut, projected or not."""
+
+    KERNELS = {"bottleneck": (1, 3, 1), "residual": (3, 3)}
+
+    def __init__(self, kind: str, in_channels: int, width: int, norm: NormFactory, activation: ActivationFactory,
                  drop_rate: float = 0.0, dropblock_keep_prob: float = 1.0, dropblock_size: int = 7):
         super().__init__()
-        out = 4 * width
-        self.conv1, self.bn1 = nn.Conv2d(in_channels, width, 1, bias=False), norm(width)
-        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1, bias=False), norm(width)
-        self.conv3, self.bn3 = nn.Conv2d(width, out, 1, bias=False), norm(out)
+        self.kind = kind
+        kernels = self.KERNELS[kind]
+        out = width * EXPANSION[kind]
+        channels = in_channels
+        for i, kernel in enumerate(kernels, start=1):
+            out_i = out if i == len(kernels) else width
+            setattr(self, f"conv{i}", nn.Conv2d(channels, out_i, kernel, padding=kernel // 2, bias=False))
+            setattr(self, f"bn{i}", norm(out_i))
+            channels = out_i
+        self.num_layers = len(kernels)
         self.downsample = _projection(in_channels, out, norm)
         self.act = activation()
         self.drop_rate = drop_rate
@@ -171,31 +181,13 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = self.dropblock(x if self.downsample is None else self.downsample(x))
-        y = self.dropblock(self.act(self.bn1(self.conv1(x))))
-        y = self.dropblock(self.act(self.bn2(self.conv2(y))))
-        y = drop_connect(self.dropblock(self.bn3(self.conv3(y))), self.drop_rate, self.training)
-        return self.act(y + shortcut)
-
-
-class Residual(nn.Module):
-    """Two 3x3 convs with norms (activation after the first), stochastic depth, shortcut sum, activation (TPU
-    `residual_block` at stride 1); the shortcut projects only when the input width differs. DropBlock as in
-    `Bottleneck`."""
-
-    def __init__(self, in_channels: int, width: int, norm: NormFactory, activation: ActivationFactory,
-                 drop_rate: float = 0.0, dropblock_keep_prob: float = 1.0, dropblock_size: int = 7):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False), norm(width)
-        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1, bias=False), norm(width)
-        self.downsample = _projection(in_channels, width, norm)
-        self.act = activation()
-        self.drop_rate = drop_rate
-        self.dropblock = DropBlock(dropblock_keep_prob, dropblock_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        shortcut = self.dropblock(x if self.downsample is None else self.downsample(x))
-        y = self.dropblock(self.act(self.bn1(self.conv1(x))))
-        y = drop_connect(self.dropblock(self.bn2(self.conv2(y))), self.drop_rate, self.training)
+        y = x
+        for i in range(1, self.num_layers + 1):
+            y = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(y))
+            if i < self.num_layers:
+                y = self.act(y)
+            y = self.dropblock(y)
+        y = drop_connect(y, self.drop_rate, self.training)
         return self.act(y + shortcut)
 
 
@@ -204,9 +196,8 @@ def block_group(kind: str, in_channels: int, width: int, repeats: int, norm: Nor
                 dropblock_size: int = 7) -> nn.Sequential:
     """`repeats` blocks of one kind; only the first may project its shortcut, all share the drop rate and
     DropBlock settings."""
-    block = Bottleneck if kind == "bottleneck" else Residual
     out = width * EXPANSION[kind]
-    return nn.Sequential(*(block(in_channels if i == 0 else out, width, norm, activation, drop_rate,
+    return nn.Sequential(*(Block(kind, in_channels if i == 0 else out, width, norm, activation, drop_rate,
                                  dropblock_keep_prob, dropblock_size) for i in range(repeats)))
 
 

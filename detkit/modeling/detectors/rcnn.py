@@ -78,6 +78,11 @@ class TwoStageDetector(nn.Module):
         self.box_pooler, self.stages = box_pooler, nn.ModuleList(stages)
         self.mask_pooler, self.mask_head = mask_pooler, mask_head
         self.input_cfg, self.cfg, self.mask_cfg = input_cfg, cfg, mask_cfg
+        # (1, 3, 1, 1) normalisation constants on the model's device: not in the state dict
+        self.register_buffer("pixel_mean", torch.tensor(input_cfg.pixel_mean, dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(input_cfg.pixel_std, dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
         self.num_classes = stages[0].predictor.num_classes
 
     @property
@@ -113,7 +118,8 @@ class TwoStageDetector(nn.Module):
         if self.training and targets is None:
             raise ValueError("a two-stage detector needs targets in training mode")
         with record_function("detkit.backbone"):
-            features = self.backbone(normalize(images, image_sizes, self.input_cfg))
+            x = normalize(images, image_sizes, self.input_cfg, mean=self.pixel_mean, std=self.pixel_std)
+            features = self.backbone(x)
         if self.neck is not None:
             with record_function("detkit.neck"):
                 features = self.neck(features)

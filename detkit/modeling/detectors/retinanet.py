@@ -122,6 +122,18 @@ def postprocess(pred_logits_per_level: list[Tensor], pred_deltas_per_level: list
                                                        labels[kept].split(per_image))]
 
 
+def fg_normalizer(kind: str, num_fg: Tensor, num_images: int | Tensor) -> Tensor:
+    """The loss normaliser of the non-EMA kinds from the foreground anchor count: "num_fg_plus_one" num_fg + 1,
+    "num_fg_plus_images" num_fg + num_images, else ("num_fg") num_fg clamped to at least 1."""
+    if kind == "num_fg_plus_one":
+        return num_fg + 1
+    if kind == "num_fg_plus_images":
+        if isinstance(num_images, Tensor):
+            num_images = torch.as_tensor(num_images, dtype=num_fg.dtype, device=num_fg.device)
+        return num_fg + num_images
+    return num_fg.clamp(min=1)
+
+
 class RetinaNet(nn.Module):
     """Backbone -> pyramid -> RetinaHead; focal + box loss in training, decoded detections in eval mode.
 
@@ -146,6 +158,11 @@ class RetinaNet(nn.Module):
         self.num_classes = head.num_classes
         # detectron2's normaliser state; a buffer so that it is checkpointed and resumes exactly
         self.register_buffer("loss_normalizer", torch.tensor(100.0))
+        # (1, 3, 1, 1) normalisation constants on the model's device: not in the state dict
+        self.register_buffer("pixel_mean", torch.tensor(input_cfg.pixel_mean, dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(input_cfg.pixel_std, dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
 
     def forward(self, images: Tensor, image_sizes: Tensor, targets: list | None = None, *,
                 image_scales: Tensor | None = None,
@@ -168,7 +185,7 @@ class RetinaNet(nn.Module):
             raise ValueError("RetinaNet needs targets in training mode")
         # the named ranges let the profiler (benchmarks/retinanet.py) attribute time to each stage
         with record_function("detkit.backbone"):
-            x = normalize(images, image_sizes, self.input_cfg)
+            x = normalize(images, image_sizes, self.input_cfg, mean=self.pixel_mean, std=self.pixel_std)
             features = self.backbone(x)
         with record_function("detkit.neck"):
             features = list(self.neck(features).values())
@@ -204,12 +221,8 @@ class RetinaNet(nn.Module):
                 m = self.cfg.ema_momentum
                 self.loss_normalizer.mul_(m).add_((1 - m) * num_fg.clamp(min=1))
             normalizer = self.loss_normalizer.clone()
-        elif kind == "num_fg_plus_one":
-            normalizer = num_fg + 1
-        elif kind == "num_fg_plus_images":
-            normalizer = num_fg + len(targets)
         else:
-            normalizer = num_fg.clamp(min=1)
+            normalizer = fg_normalizer(kind, num_fg, len(targets))
         with record_function("detkit.losses"):
             losses = retinanet_losses(pred_logits, pred_deltas, anchors, gt_classes, matched_boxes, self.box_coder,
                                       self.cfg, normalizer)
@@ -241,12 +254,7 @@ class RetinaNet(nn.Module):
         if kind == "ema":
             buffer.mul_(m).add_((1 - m) * num_fg.clamp(min=1))
             return buffer.clone()
-        if kind == "num_fg_plus_one":
-            normalizer = num_fg + 1
-        elif kind == "num_fg_plus_images":
-            normalizer = num_fg + torch.as_tensor(num_images, dtype=torch.float32, device=buffer.device)
-        else:
-            normalizer = num_fg.clamp(min=1)
+        normalizer = fg_normalizer(kind, num_fg, num_images)
         buffer.mul_(m).add_((1 - m) * normalizer)
         return normalizer
 
