@@ -512,6 +512,10 @@ class RuntimeConfig:
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False  # NHWC weights and activations: faster convolutions on recent CPUs and GPUs
     fold_bn: bool = True  # inference (eval, predict, benchmark): merge frozen batch norms into their convolutions
+    # torch.compile the trunk, neck and dense heads (engine/compile.py) in training, evaluation and the benchmark
+    compile: bool = False
+    compile_backend: str = "inductor"  # a registered torch.compile backend; "eager" only traces (for tests)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     output_dir: str = "runs/default"
     log_period: int = 20
     checkpoint_period: int = 5000

@@ -33,6 +33,7 @@ from ..data.loader import Batch, ImageMeta, collate
 from ..data.synth import CATEGORIES, SynthSpec, render_image
 from ..data.transforms import Sample, TransformPipeline, resize
 from ..modeling.fold import FoldReport
+from .compile import compile_model
 from .flops import input_size, measure, resolve_num_classes
 from .inference import autocast, load_detector, prepare_for_inference
 from .environment import environment
@@ -412,6 +413,7 @@ def build_train_step(cfg: Config, num_classes: int, batch: int, device: torch.de
     model = build_model(cfg.model, num_classes).to(device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    compile_model(model, rt)
     model.train()
     optimizer = build_optimizer(model, solver, scaled_lr(solver.base_lr, batch, solver.reference_batch_size))
     scheduler = build_scheduler(optimizer, solver, iters_per_epoch=1)  # the schedule's shape does not matter here
@@ -620,7 +622,7 @@ def run_benchmark(cfg: Config, options: BenchmarkOptions) -> dict:
                         "sha256": digest, "arch": cfg.model.arch, "backbone": labels["backbone"],
                         "schedule": labels["schedule"], "num_classes": num_classes,
                         "num_classes_source": num_classes_source}
-    record["settings"] = {"amp": cfg.runtime.amp, "channels_last": cfg.runtime.channels_last, "compile": False,
+    record["settings"] = {"amp": cfg.runtime.amp, "channels_last": cfg.runtime.channels_last, "compile": cfg.runtime.compile,
                           "fold_bn": cfg.runtime.fold_bn, "input": "synthetic",
                           # training always starts from a random init; --weights serve inference and AP
                           "init": "random", "inference_weights": bool(options.weights), "seed": cfg.runtime.seed,

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..config.load import ConfigError
 from ..config.schema import RuntimeConfig
+from .compile import compile_model
 
 logger = logging.getLogger(__name__)
 
@@ -155,13 +156,14 @@ def convert_norms_for(model: nn.Module, device: torch.device, world_size: int, s
 
 def prepare_model(model: nn.Module, info: DistInfo, runtime: RuntimeConfig,
                   device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """Convert the norms and, with several processes, wrap the model in DistributedDataParallel.
+    """Convert the norms, compile the dense parts (`runtime.compile`) and, with several processes, wrap the model in DistributedDataParallel.
 
     Returns:
         (ddp_or_model, core_model): call the first for training steps; use the second for everything else
         (state dicts, `step_normalizer`, evaluation, parameter groups).
     """
     model = convert_norms_for(model, device, info.world_size, runtime.sync_bn).to(device)
+    compile_model(model, runtime)
     if info.world_size <= 1:
         return model, model
     from torch.nn.parallel import DistributedDataParallel

@@ -172,8 +172,9 @@ def load_detector(cfg, weights: str, device: torch.device, *, prepare: bool = Tr
 
 
 def prepare_for_inference(model: nn.Module, runtime, device: torch.device):
-    """`model` on `device` in eval mode, its batch norms folded (`runtime.fold_bn`) and in channels_last memory
-    (`runtime.channels_last`): how eval, predict and the benchmark run a detector.
+    """`model` on `device` in eval mode, its batch norms folded (`runtime.fold_bn`), in channels_last memory
+    (`runtime.channels_last`) and its dense parts compiled (`runtime.compile`): how eval, predict and the
+    benchmark run a detector.
 
     Returns:
         (model, the `FoldReport`, or None when folding is off).
@@ -186,4 +187,7 @@ def prepare_for_inference(model: nn.Module, runtime, device: torch.device):
         report = fold_batchnorms(model)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    from .compile import compile_model
+
+    compile_model(model, runtime)
     return model, report
