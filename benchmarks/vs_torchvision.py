@@ -211,8 +211,9 @@ detkit).
   prepared as `detkit eval` prepares it (frozen BN folded). Random weights: post-processing sees few detections
   on either side.
 - Timing: each window is warm-up steps, a synchronisation, the timed steps and a synchronisation; the windows
-  alternate detkit, torchvision (and TrainStep) for {rounds} rounds. Cells give the medians (and the peak
-  allocated memory); ratio = detkit / torchvision.
+  alternate detkit, torchvision (and TrainStep) for {rounds} rounds. Cells give the medians and the memory
+  a window added at its peak (peak allocated minus the allocation at its start: both sides' models and batches
+  stay resident, so this is activations, gradients and workspace); ratio = detkit / torchvision.
 
 | target | detkit | torchvision | ratio | result |
 |---|---:|---:|---:|---|
@@ -324,17 +325,30 @@ def alternate(windows: Mapping[str, Callable[[], tuple[float, int | None]]], rou
     return rates, peaks
 
 
+def window_peak(peak: int, at_start: int) -> int:
+    """The memory a window itself added: its peak allocation minus what was allocated when it began.
+
+    Both sides' models, optimisers and prepared batches stay on the device for the whole run, so the raw peak of
+    one side's window also counts the other side's tensors; the difference does not."""
+    return max(0, peak - at_start)
+
+
 def timed_window(step: Callable[[], object], batch: int, warmup: int, iters: int, device):
-    """One window of `step` (see `measure_loop`): (images/s, peak allocated bytes on CUDA else None)."""
+    """One window of `step` (see `measure_loop`): (images/s, on CUDA the bytes the window added at its peak, see
+    `window_peak`, else None)."""
     import torch
 
     from detkit.engine.benchmark import CudaEvents, device_sync, measure_loop
 
     cuda = device.type == "cuda"
+    at_start = 0
     if cuda:
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        at_start = torch.cuda.memory_allocated(device)
     timing = measure_loop(step, warmup, iters, device_sync(device), events=CudaEvents() if cuda else None)
-    return batch / timing.per_step, (torch.cuda.max_memory_allocated(device) if cuda else None)
+    peak = window_peak(torch.cuda.max_memory_allocated(device), at_start) if cuda else None
+    return batch / timing.per_step, peak
 
 
 # --- the two sides -----------------------------------------------------------------------------------------------

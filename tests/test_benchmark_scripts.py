@@ -237,3 +237,9 @@ def test_the_detkit_parts_it_calls_exist():
         assert cfg.data.train_transform.short_sizes == (640,) and cfg.data.train_transform.max_size == 640
         assert cfg.model.backbone.norm == "FrozenBN" and cfg.model.backbone.freeze_at == 2
     assert vs.detkit_config("mask", "fp32", []).model.rpn.post_nms_topk_train == 2000
+
+
+def test_a_window_peak_counts_only_what_the_window_added():
+    # the other side's resident model (here 6 GiB already allocated) is not charged to this window
+    assert vs.window_peak(peak=9 * 2**30, at_start=6 * 2**30) == 3 * 2**30
+    assert vs.window_peak(peak=5, at_start=5) == 0 and vs.window_peak(peak=4, at_start=5) == 0
