@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .backbones.resnet import BasicBlock, Bottleneck, ResNet
+from .backbones.spinenet import Block as SpineNetBlock
 from .norm import FrozenBatchNorm2d, bn_scale_shift
 
 _BATCH_NORMS = (FrozenBatchNorm2d, nn.BatchNorm2d, nn.SyncBatchNorm)
@@ -24,19 +25,25 @@ class FoldReport:
 
 
 def _pairs(model: nn.Module):
-    """(parent, conv attribute, norm attribute) for every norm that directly follows a convolution: the post-
-    activation ResNet stem, blocks and projection shortcuts (v1 `pytorch` and `caffe`; TridentNet's blocks are
-    Bottlenecks with a shared-weight conv). Pre-activation (v2) norms come before their convs and are not folded."""
+    """(parent, conv attribute, norm attribute) for every norm that directly follows a convolution:
+    - the ResNet stem (every style: v2's stem is post-activation too, its `bn_data` has no conv before it);
+    - the post-activation blocks, ResNet v1 (`pytorch`, `caffe`; TridentNet's Bottlenecks with a shared-weight
+      conv) and SpineNet, whose `convI` each feed `bnI`;
+    - adjacent (conv, norm) children of any `nn.Sequential`: projection shortcuts, SpineNet's stem, resampling
+      and endpoint convs.
+    Pre-activation (v2) blocks put their norms before their convs and are not folded."""
     for module in model.modules():
-        if isinstance(module, ResNet) and not module.preact:
+        if isinstance(module, ResNet):
             yield module, "conv1", "bn1"
-        elif isinstance(module, (BasicBlock, Bottleneck)):
+        elif isinstance(module, (BasicBlock, Bottleneck, SpineNetBlock)):
             for i in (1, 2, 3):
                 if hasattr(module, f"conv{i}"):
                     yield module, f"conv{i}", f"bn{i}"
-            shortcut = getattr(module, "downsample", None)
-            if isinstance(shortcut, nn.Sequential) and len(shortcut) == 2:
-                yield shortcut, "0", "1"
+        elif isinstance(module, nn.Sequential):
+            names = list(module._modules)
+            for conv, norm in zip(names, names[1:]):
+                if isinstance(module._modules[conv], nn.Conv2d) and isinstance(module._modules[norm], _BATCH_NORMS):
+                    yield module, conv, norm
 
 
 def _foldable(norm: nn.Module) -> bool:

@@ -34,13 +34,31 @@ def _model(arch, style, norm, **extra):
     ("retinanet", "pytorch", "FrozenBN", 53),  # stem + 16 blocks x 3 + 4 projections
     ("retinanet", "caffe", "BN", 53),  # trainable BN in eval mode folds too
     ("faster_rcnn", "pytorch", "FrozenBN", 53),
+    ("retinanet", "v2", "FrozenBN", 1),  # pre-activation blocks: only the stem's conv -> norm
 ])
 def test_folding_changes_no_output(arch, style, norm, folds):
     model = _model(arch, style, norm)
+    _check_folding(model, folds, (96, 128))
+
+
+def test_spinenet_folds_every_backbone_norm_and_keeps_the_per_level_head_norms():
+    cfg = from_dict(Config, {"model": {
+        "arch": "retinanet", "backbone": {"name": "spinenet", "norm": "BN", "freeze_at": 0, "spinenet": {"model_id": "49S"}},
+        "retinanet": {"head_width": 32, "num_convs": 1, "head_norm": "BN"}}})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 3)
+    backbone_norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.backbone.modules())
+    head_norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.head.modules())
+    assert backbone_norms > 100 and head_norms > 0
+    report = _check_folding(model, backbone_norms, (128, 128))
+    assert report.kept == head_norms  # one conv shared by the levels, a norm per level: nothing to fold into
+
+
+def _check_folding(model, folds, size):
     _randomise_norms(model)
     model.eval()
-    images = torch.randint(0, 255, (1, 3, 96, 128), dtype=torch.uint8)
-    sizes = torch.tensor([[96, 128]])
+    images = torch.randint(0, 255, (1, 3, *size), dtype=torch.uint8)
+    sizes = torch.tensor([list(size)])
     with torch.no_grad():
         before_features = model.backbone(model.normalize(images) if hasattr(model, "normalize") else images.float())
         before = model(images, sizes)
@@ -53,11 +71,12 @@ def test_folding_changes_no_output(arch, style, norm, folds):
     for a, b in zip(before, after):
         torch.testing.assert_close(b.scores, a.scores, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(b.boxes, a.boxes, rtol=1e-4, atol=1e-2)  # a hundredth of a pixel
+    return report
 
 
 def test_what_is_not_foldable_is_kept():
     v2 = _model("retinanet", "v2", "FrozenBN")
-    assert fold_batchnorms(v2).folded == 0  # pre-activation: every norm comes before its conv
+    assert fold_batchnorms(v2).folded == 1  # pre-activation: every norm but the stem's comes before its conv
     training = _model("retinanet", "pytorch", "BN", **{"backbone": {"depth": 50, "norm": "BN", "freeze_at": 0}})
     training.train()
     assert fold_batchnorms(training).folded == 0  # batch statistics are not constants
