@@ -117,8 +117,10 @@ class MultiScaleRoIPooler(nn.Module):
                                self.canonical_level, self.eps) - self.min_level  # (R,) index into features
         channels = features[0].shape[1]
         out = features[0].new_zeros((rois.shape[0], channels, *self.output_size))
-        for level, (feature, scale) in enumerate(zip(features, self.scales)):
-            index = torch.nonzero(levels == level).flatten()  # rows of this level's boxes
+        # rows grouped by level: a stable sort and the per-level counts, read in one host synchronisation
+        order = torch.argsort(levels, stable=True)
+        counts = (levels[None, :] == torch.arange(len(features), device=levels.device)[:, None]).sum(dim=1)
+        for index, feature, scale in zip(order.split(counts.tolist()), features, self.scales):
             # pooled even when empty, so that the result stays connected to every level's graph
             pooled = roi_align(feature, rois[index], spatial_scale=scale, **kwargs)
             out.index_copy_(0, index, pooled.to(out.dtype))

@@ -112,7 +112,7 @@ def fast_rcnn_losses(class_logits: Tensor, box_deltas: Tensor, rois: SampledRoIs
         box_deltas = box_deltas.squeeze(1)
     # rows that are not foreground (padding rows are all-zero boxes) encode a unit box against itself: zero
     # targets and no log(0); `where`, not a product, keeps their (unused) values out of the sum
-    unit = rois.boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
+    unit = torch.cat([rois.boxes.new_zeros(2), rois.boxes.new_ones(2)])  # (0, 0, 1, 1), with no host copy
     reference = torch.where(foreground[:, None], rois.boxes.reshape(-1, 4), unit)
     target_boxes = torch.where(foreground[:, None], rois.matched_boxes.reshape(-1, 4), unit)
     targets = box_coder.encode(reference, target_boxes)
