@@ -31,7 +31,8 @@ class Split:
         core_seconds: time inside the core ops (outermost calls only, so nested ones count once).
         outside: 1 - core / profiled wall time: the issue's measure.
         outside_unprofiled: 1 - core / (steps x step_seconds): the profiler's own overhead taken out.
-        buckets: self time of the remaining ops by kind, as fractions of the profiled wall time.
+        buckets: self time of the remaining aten ops by kind, as fractions of the profiled wall time, and
+            "compiled kernels and Python": the rest of `outside`, which no aten op claims.
     """
 
     step_seconds: float
@@ -96,5 +97,7 @@ def op_time_split(step: Callable[[], object], warmup: int = 1, timed: int = 2, a
         if e.name.startswith("aten::") and e.name not in CORE_OPS and not _inside_core(e):
             bucket = _bucket(e.name)
             buckets[bucket] = buckets.get(bucket, 0.0) + e.self_cpu_time_total / 1e6 / wall
+    # what no aten op outside the core claims: compiled (fused) kernels, Python and the profiler's own work
+    buckets["compiled kernels and Python"] = max(0.0, 1 - core / wall - sum(buckets.values()))
     step_seconds = statistics.median(times)
     return Split(step_seconds, wall, core, 1 - core / wall, 1 - core / (active * step_seconds), buckets)
