@@ -70,7 +70,8 @@ def main() -> None:
         f"unprofiled steps, then {args.active} profiled. "
         "*Outside* is 1 - (time in the outermost aten convolution / convolution_backward / addmm / mm / bmm calls) "
         "/ wall time; the issue's target is under 10%. Compiled kernels (fused norms, activations, sums) are "
-        "not aten ops: their time is in *compiled kernels and Python*, the part of *outside* no aten op claims.",
+        "not aten ops: their time is in *unattributed*, the part of *outside* no aten op claims (with Python and "
+        "the profiler's own work).",
         "",
         "| layout | s/step | outside (profiled wall) | outside (unprofiled wall) | largest other kinds (self time) |",
         "|---|---|---|---|---|",

@@ -429,6 +429,7 @@ def benchmark_training(cfg: Config, options: BenchmarkOptions, num_classes: int,
     warmup, iters = _iters(options, device, "train")
     # built once, at the learning rate of the asked batch: a batch reduced to fit changes the speed, not the LR's
     step = build_train_step(cfg, num_classes, options.train_batch or config_batch, device)
+    compile_seconds = None
     # the warm-up visits every distinct batch shape once, so that no timed step builds new kernels
     count = max(1, min(TRAIN_BATCHES, warmup))
     probing = options.train_batch is None and device.type == "cpu" and config_batch > 2
@@ -447,7 +448,14 @@ def benchmark_training(cfg: Config, options: BenchmarkOptions, num_classes: int,
     if options.train_batch is not None:
         batch = options.train_batch
         reason = None if batch == config_batch else "--train-batch"
-    elif probing:
+    if cfg.runtime.compile:
+        # compilation happens in the first step at a shape: an untimed step at each probe batch and at the timed
+        # one, so that neither the timing nor the memory probes include it
+        start = time.perf_counter()
+        for b in sorted({1, 2, batch} if probing else {batch}):
+            step(iter(train_batches(b, 1)))
+        compile_seconds = time.perf_counter() - start
+    if probing:
         # one untimed step first: the optimiser's state (momentum) then exists before either probe, and does not
         # count as memory per image
         step(iter(train_batches(1, 1)))
@@ -472,7 +480,8 @@ def benchmark_training(cfg: Config, options: BenchmarkOptions, num_classes: int,
               "batch_reason": reason, "image_sizes": [list(hw) for hw in shapes],
               "warmup": warmup, "iters": iters, "s_per_iter": timing.per_step, "s_per_iter_median": timing.median,
               "s_per_iter_p90": timing.p90, "img_per_s": batch / timing.per_step, "unsteady": timing.unsteady,
-              "bad_steps": sum(k != "ok" for k in kinds), "compile_seconds": None, "memory": memory.result()}
+              "bad_steps": sum(k != "ok" for k in kinds), "compile_seconds": compile_seconds,
+              "memory": memory.result()}
     if fit is not None:
         result["fit"] = fit
     return result
@@ -541,6 +550,8 @@ def benchmark_inference(cfg: Config, options: BenchmarkOptions, model: torch.nn.
             with torch.inference_mode(), autocast(device, cfg.runtime.amp):
                 model(data.images, data.image_sizes, image_scales=data.image_scales)
 
+        if cfg.runtime.compile:
+            forward()  # compiles at this batch's shape, untimed whatever --warmup says
         timing = measure_loop(forward, warmup, iters, device_sync(device),
                               events=CudaEvents() if device.type == "cuda" else None)
         logger.info("inference at batch %d: %.1f images/s", batch, batch / timing.per_step)
@@ -622,7 +633,8 @@ def run_benchmark(cfg: Config, options: BenchmarkOptions) -> dict:
                         "sha256": digest, "arch": cfg.model.arch, "backbone": labels["backbone"],
                         "schedule": labels["schedule"], "num_classes": num_classes,
                         "num_classes_source": num_classes_source}
-    record["settings"] = {"amp": cfg.runtime.amp, "channels_last": cfg.runtime.channels_last, "compile": cfg.runtime.compile,
+    record["settings"] = {"amp": cfg.runtime.amp, "channels_last": cfg.runtime.channels_last,
+                          "compile": cfg.runtime.compile,
                           "fold_bn": cfg.runtime.fold_bn, "input": "synthetic",
                           # training always starts from a random init; --weights serve inference and AP
                           "init": "random", "inference_weights": bool(options.weights), "seed": cfg.runtime.seed,

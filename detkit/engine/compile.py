@@ -13,6 +13,8 @@ import logging
 
 from torch import nn
 
+from ..config.load import ConfigError
+
 logger = logging.getLogger(__name__)
 
 # attribute paths of the parts worth compiling, where a detector has them
@@ -31,6 +33,19 @@ def dense_parts(model: nn.Module) -> dict[str, nn.Module]:
     return parts
 
 
+def check_compile_settings(runtime) -> None:
+    """A clear error for a backend torch does not know, or a mode only inductor takes."""
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if runtime.compile_backend not in known:
+        raise ConfigError(f"runtime.compile_backend {runtime.compile_backend!r} is not a torch.compile backend; "
+                          f"known: {', '.join(sorted(known))}")
+    if runtime.compile_mode != "default" and runtime.compile_backend != "inductor":
+        raise ConfigError(f"runtime.compile_mode {runtime.compile_mode!r} is an inductor mode; with backend "
+                          f"{runtime.compile_backend!r} leave it at 'default'")
+
+
 def compile_model(model: nn.Module, runtime) -> list[str]:
     """Compile `model`'s dense parts in place when `runtime.compile` is set.
 
@@ -42,6 +57,7 @@ def compile_model(model: nn.Module, runtime) -> list[str]:
     """
     if not runtime.compile:
         return []
+    check_compile_settings(runtime)
     parts = dense_parts(model)
     for module in parts.values():
         module.compile(backend=runtime.compile_backend, dynamic=None,

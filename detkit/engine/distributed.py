@@ -156,7 +156,8 @@ def convert_norms_for(model: nn.Module, device: torch.device, world_size: int, s
 
 def prepare_model(model: nn.Module, info: DistInfo, runtime: RuntimeConfig,
                   device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """Convert the norms, compile the dense parts (`runtime.compile`) and, with several processes, wrap the model in DistributedDataParallel.
+    """Convert the norms, compile the dense parts (`runtime.compile`) and, with several processes, wrap the model
+    in DistributedDataParallel.
 
     Returns:
         (ddp_or_model, core_model): call the first for training steps; use the second for everything else

@@ -13,6 +13,7 @@ from torch import nn
 from ..config import ConfigError
 from ..data.loader import Batch, DetectionDataset
 from ..data.transforms import boxes_to_original
+from .compile import compile_model
 
 
 def autocast(device: torch.device, amp: str):
@@ -187,7 +188,5 @@ def prepare_for_inference(model: nn.Module, runtime, device: torch.device):
         report = fold_batchnorms(model)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    from .compile import compile_model
-
     compile_model(model, runtime)
     return model, report

@@ -32,7 +32,8 @@ class Split:
         outside: 1 - core / profiled wall time: the issue's measure.
         outside_unprofiled: 1 - core / (steps x step_seconds): the profiler's own overhead taken out.
         buckets: self time of the remaining aten ops by kind, as fractions of the profiled wall time, and
-            "compiled kernels and Python": the rest of `outside`, which no aten op claims.
+            "unattributed": the rest of `outside`, which no aten op claims (compiled kernels, Python, the
+            profiler).
     """
 
     step_seconds: float
@@ -97,7 +98,8 @@ def op_time_split(step: Callable[[], object], warmup: int = 1, timed: int = 2, a
         if e.name.startswith("aten::") and e.name not in CORE_OPS and not _inside_core(e):
             bucket = _bucket(e.name)
             buckets[bucket] = buckets.get(bucket, 0.0) + e.self_cpu_time_total / 1e6 / wall
-    # what no aten op outside the core claims: compiled (fused) kernels, Python and the profiler's own work
-    buckets["compiled kernels and Python"] = max(0.0, 1 - core / wall - sum(buckets.values()))
+    # "unattributed": what no aten op outside the core claims: compiled (fused) kernels, Python and the
+    # profiler's own work
+    buckets["unattributed"] = max(0.0, 1 - core / wall - sum(buckets.values()))
     step_seconds = statistics.median(times)
     return Split(step_seconds, wall, core, 1 - core / wall, 1 - core / (active * step_seconds), buckets)

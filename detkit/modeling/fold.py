@@ -29,8 +29,8 @@ def _pairs(model: nn.Module):
     - the ResNet stem (every style: v2's stem is post-activation too, its `bn_data` has no conv before it);
     - the post-activation blocks, ResNet v1 (`pytorch`, `caffe`; TridentNet's Bottlenecks with a shared-weight
       conv) and SpineNet, whose `convI` each feed `bnI`;
-    - adjacent (conv, norm) children of any `nn.Sequential`: projection shortcuts, SpineNet's stem, resampling
-      and endpoint convs.
+    - adjacent (conv, norm) children of an `nn.Sequential` that runs its children in order (its own forward):
+      projection shortcuts, SpineNet's stem, resampling and endpoint convs, the mask head's convs.
     Pre-activation (v2) blocks put their norms before their convs and are not folded."""
     for module in model.modules():
         if isinstance(module, ResNet):
@@ -39,7 +39,7 @@ def _pairs(model: nn.Module):
             for i in (1, 2, 3):
                 if hasattr(module, f"conv{i}"):
                     yield module, f"conv{i}", f"bn{i}"
-        elif isinstance(module, nn.Sequential):
+        elif isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
             names = list(module._modules)
             for conv, norm in zip(names, names[1:]):
                 if isinstance(module._modules[conv], nn.Conv2d) and isinstance(module._modules[norm], _BATCH_NORMS):

@@ -19,7 +19,7 @@ def assign_levels(boxes: Tensor, min_level: int, max_level: int, canonical_size:
     canonical_size * 2^k lands on level canonical_level + k despite rounding. Computed in float32.
 
     Args:
-        boxes: (R, 4) xyxy boxes in input-image pixels. Degenerate boxes have area 0 and go to min_level.
+        boxes: (R, 4) xyxy boxes in input-image pixels. Degenerate and NaN boxes go to min_level.
         min_level, max_level: the levels available, e.g. 2 and 5 for P2-P5.
         canonical_size, canonical_level: a box of side canonical_size (224, the ImageNet crop) maps to
             canonical_level (P4).
@@ -31,7 +31,8 @@ def assign_levels(boxes: Tensor, min_level: int, max_level: int, canonical_size:
     with torch.autocast(device_type=boxes.device.type, enabled=False):
         sizes = box_area(boxes).sqrt()  # float32 (float64 for float64 boxes)
         levels = torch.floor(canonical_level + torch.log2(sizes / canonical_size + eps))
-    return levels.clamp(min_level, max_level).long()
+    # a non-finite box (NaN deltas after an overflow) goes to min_level instead of an integer far out of range
+    return torch.nan_to_num(levels, nan=min_level).clamp(min_level, max_level).long()
 
 
 def boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:

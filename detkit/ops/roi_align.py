@@ -55,7 +55,9 @@ def _roi_grid(rois: Tensor, spatial_scale: float, output_size: tuple[int, int], 
               aligned: bool) -> _RoiGrid:
     """Kernel geometry of (R, 5) rois given in the compute dtype."""
     offset = 0.5 if aligned else 0.0
-    x1, y1, x2, y2 = (rois[:, k] * spatial_scale - offset for k in range(1, 5))
+    # a RoI with a NaN or infinite coordinate becomes an empty one two pixels outside the map: it pools to 0
+    finite = torch.isfinite(rois[:, 1:]).all(dim=1)
+    x1, y1, x2, y2 = (torch.where(finite, rois[:, k] * spatial_scale - offset, -2.0) for k in range(1, 5))
     roi_w, roi_h = x2 - x1, y2 - y1
     if not aligned:  # legacy: malformed RoIs are forced to 1x1
         roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
@@ -207,7 +209,7 @@ def roi_align(features: Tensor, rois: Tensor, output_size: int | tuple[int, int]
 
     Returns:
         (R, C, oh, ow) pooled features in `features.dtype`. A RoI with no samples (adaptive sampling of an
-        empty box) pools to 0.
+        empty box) or with a non-finite coordinate pools to 0.
     """
     if features.dim() != 4:
         raise ValueError(f"features must be (N, C, H, W), got shape {tuple(features.shape)}")

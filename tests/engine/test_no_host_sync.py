@@ -94,7 +94,8 @@ TWO_STAGE_READS = {
 
 @pytest.mark.parametrize("stem", ["faster-rcnn-resnet18-fpn-demo", "mask-rcnn-resnet18-fpn-demo"])
 def test_two_stage_training_step_reads_only_where_the_work_depends_on_the_data(synth_root, stem):
-    """Matching, sampling, the pooler's level split (one `.tolist()`), targets and losses stay on the device."""
+    """Anchor and RoI matching, sampling, box targets and the losses wait for nothing; the pooler's only read is
+    its level split's `.tolist()`, which the audit does not see (its nonzero per level is gone)."""
     cfg = load_config(Config, REPO / "configs" / f"{stem}.yaml", [
         f"data.train.annotations={synth_root / 'annotations/instances_train.json'}",
         f"data.train.images={synth_root / 'train'}", "data.val.annotations=", "data.num_workers=0",

@@ -43,7 +43,8 @@ def test_folding_changes_no_output(arch, style, norm, folds):
 
 def test_spinenet_folds_every_backbone_norm_and_keeps_the_per_level_head_norms():
     cfg = from_dict(Config, {"model": {
-        "arch": "retinanet", "backbone": {"name": "spinenet", "norm": "BN", "freeze_at": 0, "spinenet": {"model_id": "49S"}},
+        "arch": "retinanet",
+        "backbone": {"name": "spinenet", "norm": "BN", "freeze_at": 0, "spinenet": {"model_id": "49S"}},
         "retinanet": {"head_width": 32, "num_convs": 1, "head_norm": "BN"}}})
     torch.manual_seed(0)
     model = build_model(cfg.model, 3)
@@ -68,7 +69,9 @@ def _check_folding(model, folds, size):
     assert report.folded == folds
     for name, value in before_features.items():  # float32 rounding, relative to the feature map's scale
         assert (after_features[name] - value).abs().max() <= 1e-5 * value.abs().max(), name
+    assert len(before) == len(after) == 1
     for a, b in zip(before, after):
+        assert a.scores.shape == b.scores.shape
         torch.testing.assert_close(b.scores, a.scores, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(b.boxes, a.boxes, rtol=1e-4, atol=1e-2)  # a hundredth of a pixel
     return report
@@ -84,3 +87,37 @@ def test_what_is_not_foldable_is_kept():
     gn.eval()
     report = fold_batchnorms(gn)
     assert report.folded == 0 and report.kept > 0
+
+
+def test_sequential_pairs_fold_only_where_the_norm_takes_the_conv_output():
+    class Custom(nn.Sequential):  # a Sequential whose own forward does not chain its children
+        def forward(self, x):
+            return self[1](x) + self[0](x)
+
+    plain = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                          nn.ReLU(), nn.BatchNorm2d(4))
+    custom = Custom(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    for model in (plain, custom):
+        _randomise_norms(model)
+        model.eval()
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        expected = plain(x)
+        assert fold_batchnorms(plain).folded == 1  # the first pair; the last norm follows a ReLU
+        torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-5)
+    assert isinstance(plain[1], nn.Identity) and isinstance(plain[5], nn.BatchNorm2d)
+    assert fold_batchnorms(custom).folded == 0
+
+
+def test_mask_head_convs_fold():
+    from detkit.modeling.roi_heads.mask_head import MaskRCNNHead
+
+    head = MaskRCNNHead(16, num_classes=3, conv_dim=8, num_convs=2, norm="BN")
+    _randomise_norms(head)
+    head.eval()
+    x = torch.randn(3, 16, 14, 14)
+    with torch.no_grad():
+        expected = head(x)
+        report = fold_batchnorms(head)
+        assert report.folded == 2 and report.kept == 1  # the transposed conv's norm stays
+        torch.testing.assert_close(head(x), expected, rtol=1e-5, atol=1e-5)

@@ -69,6 +69,16 @@ def test_gradients_reach_only_the_levels_used():
     assert all(f.grad is not None and f.grad.abs().sum() == 0 for f in features[1:])
 
 
+def test_a_nan_box_goes_to_the_first_level_and_pools_without_error():
+    boxes = torch.tensor([[float("nan"), 10, 40, 50], [0.0, 0, 500, 500], [10, 10, 40, 50]])
+    assert assign_levels(boxes, 2, 5).tolist() == [2, 5, 2]
+    for sampling_ratio, aligned in ((0, True), (2, False)):
+        out = MultiScaleRoIPooler(7, SCALES, sampling_ratio=sampling_ratio, aligned=aligned)(
+            _pyramid(), [boxes, torch.zeros(0, 4)])
+        assert out.shape == (3, 3, 7, 7) and torch.isfinite(out).all()
+        assert (out[0] == 0).all() and out[1:].abs().sum() > 0  # the NaN box pools to 0, the others as usual
+
+
 def test_no_boxes_at_all():
     features = _pyramid(requires_grad=True)
     out = MultiScaleRoIPooler(7, SCALES)(features, [torch.zeros(0, 4), torch.zeros(0, 4)])
