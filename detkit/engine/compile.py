@@ -2,15 +2,17 @@
 
 The trunk, the neck and the dense heads (RetinaNet's towers, the RPN's convolution) see one padded batch shape
 per step and are where fusion pays: batch norm, activation and residual passes fold into fewer kernels around
-the convolutions. The rest of a detector (matching, sampling, NMS, the RoI heads with their varying number of
+the convolutions. RetinaNet's losses over every anchor (focal and box loss, fixed shapes per input size) are
+compiled too: their elementwise passes over (N, A, K) logits fuse into a few kernels. The rest of a detector (matching, sampling, NMS, the RoI heads with their varying number of
 regions) stays eager. Each part is compiled in place with `nn.Module.compile`, so parameter names, state dicts
-and checkpoints are those of the eager model.
+and checkpoints are those of the eager model (the losses are a function attribute, not state).
 """
 
 from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 
 from ..config.load import ConfigError
@@ -19,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 # attribute paths of the parts worth compiling, where a detector has them
 DENSE_PARTS = ("backbone", "neck", "head", "rpn.head")
+# functions a detector holds as attributes, worth compiling: RetinaNet's losses over every anchor (fixed shapes)
+DENSE_FUNCTIONS = ("losses_fn",)
 
 
 def dense_parts(model: nn.Module) -> dict[str, nn.Module]:
@@ -59,9 +63,16 @@ def compile_model(model: nn.Module, runtime) -> list[str]:
         return []
     check_compile_settings(runtime)
     parts = dense_parts(model)
+    options = dict(backend=runtime.compile_backend, dynamic=None,
+                   mode=None if runtime.compile_mode == "default" else runtime.compile_mode)
     for module in parts.values():
-        module.compile(backend=runtime.compile_backend, dynamic=None,
-                       mode=None if runtime.compile_mode == "default" else runtime.compile_mode)
+        module.compile(**options)
+    names = list(parts)
+    for name in DENSE_FUNCTIONS:
+        function = getattr(model, name, None)
+        if callable(function) and not isinstance(function, nn.Module):
+            setattr(model, name, torch.compile(function, **options))
+            names.append(name)
     logger.info("torch.compile (backend %s, mode %s): %s", runtime.compile_backend, runtime.compile_mode,
-                ", ".join(parts) or "no dense part found")
-    return list(parts)
+                ", ".join(names) or "no dense part found")
+    return names

@@ -156,6 +156,8 @@ class RetinaNet(nn.Module):
         self.anchor_generator, self.matcher, self.box_coder = anchor_generator, matcher, box_coder
         self.input_cfg, self.cfg = input_cfg, cfg
         self.num_classes = head.num_classes
+        # the losses over every anchor: a plain function, which runtime.compile replaces by its compiled form
+        self.losses_fn = retinanet_losses
         # detectron2's normaliser state; a buffer so that it is checkpointed and resumes exactly
         self.register_buffer("loss_normalizer", torch.tensor(100.0))
         # (1, 3, 1, 1) normalisation constants on the model's device: not in the state dict
@@ -224,8 +226,8 @@ class RetinaNet(nn.Module):
         else:
             normalizer = fg_normalizer(kind, num_fg, len(targets))
         with record_function("detkit.losses"):
-            losses = retinanet_losses(pred_logits, pred_deltas, anchors, gt_classes, matched_boxes, self.box_coder,
-                                      self.cfg, normalizer)
+            losses = self.losses_fn(pred_logits, pred_deltas, anchors, gt_classes, matched_boxes, self.box_coder,
+                                    self.cfg, normalizer)
         losses["num_fg"] = num_fg.detach() / len(targets)  # logged, not optimised
         if loss_normalizer is not None:
             losses["num_fg_total"] = num_fg.detach()  # summed over the step for `step_normalizer`
