@@ -5,9 +5,9 @@
 
 Runs the real training step (`TrainStep`, SGD with clipping) on synthetic 640x640 batches through the config's
 transforms, times unprofiled steps, then profiles 3 (see `detkit.engine.profiling.op_time_split`), for each
-variant: NCHW, channels_last, and channels_last with `runtime.compile` (inductor: the trunk, FPN and head
-compiled, their norm, activation and residual passes fused; the warm-up step compiles). Writes the `step-share`
-section of docs/benchmarks.md.
+variant: NCHW, channels_last, and channels_last with `runtime.compile` (inductor: the trunk, FPN, head and the
+losses over every anchor compiled, their norm, activation, residual and loss passes fused; the warm-up step
+compiles). Writes the `step-share` section of docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -71,9 +71,11 @@ def main() -> None:
         "*Outside* is 1 - (time in the outermost aten convolution / convolution_backward / addmm / mm / bmm calls) "
         "/ wall time; the issue's target is under 10%. Compiled kernels (fused norms, activations, sums) are "
         "not aten ops: their time is in *unattributed*, the part of *outside* no aten op claims (with Python and "
-        "the profiler's own work).",
+        "the profiler's own work). *compile* is `runtime.compile: true` (inductor: the trunk, FPN, head and the "
+        "losses over every anchor); its warm-up step compiles.",
         "",
-        "| layout | s/step | outside (profiled wall) | outside (unprofiled wall) | largest other kinds (self time) |",
+        "| variant | s/step | outside (profiled wall) | outside (unprofiled wall) | largest other kinds (share of the "
+        "profiled wall) |",
         "|---|---|---|---|---|",
         *rows,
     ])
