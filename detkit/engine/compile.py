@@ -3,8 +3,8 @@
 The trunk, the neck and the dense heads (RetinaNet's towers, the RPN's convolution) see one padded batch shape
 per step and are where fusion pays: batch norm, activation and residual passes fold into fewer kernels around
 the convolutions. RetinaNet's losses over every anchor (focal and box loss, fixed shapes per input size) are
-compiled too: their elementwise passes over (N, A, K) logits fuse into a few kernels. The rest of a detector (matching, sampling, NMS, the RoI heads with their varying number of
-regions) stays eager. Each part is compiled in place with `nn.Module.compile`, so parameter names, state dicts
+compiled too: their elementwise passes over (N, A, K) logits fuse into a few kernels. The rest of a detector
+(matching, sampling, NMS, the RoI heads with their varying number of regions) stays eager. Each part is compiled in place with `nn.Module.compile`, so parameter names, state dicts
 and checkpoints are those of the eager model (the losses are a function attribute, not state).
 """
 
