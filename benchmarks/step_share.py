@@ -12,6 +12,7 @@ compiles). Writes the `step-share` section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -64,12 +65,15 @@ def main() -> None:
     text = "\n".join([
         "## Training step outside convolutions and matrix products (CPU)",
         "",
-        f"`python benchmarks/step_share.py` on {machine()}, {torch.get_num_threads()} threads: "
+        f"`{shlex.join(['python', 'benchmarks/step_share.py', *sys.argv[1:]])}` on {machine()}, "
+        f"{torch.get_num_threads()} threads: "
         f"`{Path(args.config).name}` (trainable BN, fp32), synthetic 640x640 batch of {args.batch}, the real "
         f"`TrainStep` (SGD, clipping); {args.warmup} untimed warm-up step(s), the median of {args.timed} "
         f"unprofiled steps, then {args.active} profiled. "
-        "*Outside* is 1 - (time in the outermost aten convolution / convolution_backward / addmm / mm / bmm calls) "
-        "/ wall time; the issue's target is under 10%. Compiled kernels (fused norms, activations, sums) are "
+        "*Outside* is 1 - (time in the outermost aten convolution / convolution_backward / addmm / mm / bmm calls, "
+        "from the profiled steps) / wall time: the profiled steps' wall, or the unprofiled steps' (which leaves "
+        "the profiler's per-op overhead out of the wall but not out of the convolution time, and carries the "
+        "step-to-step noise of a few steps); the issue's target is under 10%. Compiled kernels (fused norms, activations, sums) are "
         "not aten ops: their time is in *unattributed*, the part of *outside* no aten op claims (with Python and "
         "the profiler's own work). *compile* is `runtime.compile: true` (inductor: the trunk, FPN, head and the "
         "losses over every anchor); its warm-up step compiles.",

@@ -4,8 +4,9 @@ The trunk, the neck and the dense heads (RetinaNet's towers, the RPN's convoluti
 per step and are where fusion pays: batch norm, activation and residual passes fold into fewer kernels around
 the convolutions. RetinaNet's losses over every anchor (focal and box loss, fixed shapes per input size) are
 compiled too: their elementwise passes over (N, A, K) logits fuse into a few kernels. The rest of a detector
-(matching, sampling, NMS, the RoI heads with their varying number of regions) stays eager. Each part is compiled in place with `nn.Module.compile`, so parameter names, state dicts
-and checkpoints are those of the eager model (the losses are a function attribute, not state).
+(matching, sampling, NMS, the RoI heads with their varying number of regions) stays eager. Each module is
+compiled in place with `nn.Module.compile`, so parameter names, state dicts and checkpoints are those of the
+eager model; the losses are a function attribute, not state, and pickle as the plain function.
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ def compile_model(model: nn.Module, runtime) -> list[str]:
     names = list(parts)
     for name in DENSE_FUNCTIONS:
         function = getattr(model, name, None)
-        if callable(function) and not isinstance(function, nn.Module):
+        # a function compiled before (compile_model called twice) is left as it is
+        if callable(function) and not isinstance(function, nn.Module) \
+                and not hasattr(function, "_torchdynamo_orig_callable"):
             setattr(model, name, torch.compile(function, **options))
             names.append(name)
     logger.info("torch.compile (backend %s, mode %s): %s", runtime.compile_backend, runtime.compile_mode,

@@ -4,6 +4,7 @@ The tests use the "eager" backend, which runs dynamo's capture and guards but no
 no C++ compiler and stay fast; inductor is what users run.
 """
 import copy
+import pickle
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from detkit.engine.optim import build_optimizer
 from detkit.engine.schedule import build_scheduler
 from detkit.engine.train_step import TrainStep
 from detkit.modeling.build import build_model
+from detkit.modeling.detectors.retinanet import retinanet_losses
 from run_configs import fast_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,11 +78,19 @@ def test_compiled_training_step_matches_eager_and_keeps_the_state_dict(synth_roo
         model.train()
         step = _step(model, cfg)
         results.append([step(iter([batch])).values["loss"] for _, batch in batches])
-    assert counters["stats"]["unique_graphs"] >= 4  # dynamo did capture the three parts and the losses
+    assert counters["stats"]["unique_graphs"] >= 4
+    # dynamo did capture the losses: their code object has compiled entries
+    assert eager.losses_fn is retinanet_losses and compiled.losses_fn is not retinanet_losses
+    assert torch._dynamo.eval_frame._debug_get_cache_entry_list(retinanet_losses.__code__)
     assert not counters["graph_break"], dict(counters["graph_break"])  # each part is one whole graph
     assert results[0] == results[1]
     for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
         assert torch.equal(a, b), name
+    # a compiled model pickles (the plain losses function stands in), and compiling again wraps nothing twice
+    assert pickle.loads(pickle.dumps(compiled)).losses_fn is retinanet_losses
+    losses_fn = compiled.losses_fn
+    compile_model(compiled, cfg.runtime)
+    assert compiled.losses_fn is losses_fn
 
 
 def test_compiled_inference_gives_the_same_detections(synth_root, tmp_path):

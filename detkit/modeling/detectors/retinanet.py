@@ -166,6 +166,12 @@ class RetinaNet(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(input_cfg.pixel_std, dtype=torch.float32).view(1, 3, 1, 1),
                              persistent=False)
 
+    def __getstate__(self) -> dict:
+        # a compiled `losses_fn` (runtime.compile) does not pickle: the plain function stands in for it
+        state = super().__getstate__()
+        state["losses_fn"] = retinanet_losses
+        return state
+
     def forward(self, images: Tensor, image_sizes: Tensor, targets: list | None = None, *,
                 image_scales: Tensor | None = None,
                 loss_normalizer: Tensor | None = None) -> dict[str, Tensor] | list[Detections]:
