@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from itertools import cycle
 import sys
 from pathlib import Path
 
@@ -36,13 +37,8 @@ def measure(config: str, batch: int, channels_last: bool, compiled: bool, warmup
     torch.manual_seed(0)
     batches = synthetic_batches(cfg, batch, 2, train=True, num_classes=91)
     step = build_train_step(cfg, 91, batch, torch.device("cpu"))
-    index = [0]
-
-    def one_step():
-        index[0] += 1
-        return step(iter([batches[index[0] % len(batches)]]))
-
-    return op_time_split(one_step, warmup=warmup, timed=timed, active=active)
+    stream = cycle(batches)
+    return op_time_split(lambda: step(stream), warmup=warmup, timed=timed, active=active)
 
 
 def main() -> None:

@@ -549,16 +549,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     import torchvision
 
-    from detkit.engine.benchmark import DEFAULT_ITERS
+    from detkit.engine.benchmark import BenchmarkOptions, _iters
     from detkit.engine.environment import device_slug, environment
     from detkit.utils.fileio import write_json_atomic
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     kind = device.type
-    for phase, mode in (("train", "train"), ("inference", "infer")):
-        warmup, iters = DEFAULT_ITERS[(kind, phase)]
-        setattr(args, f"warmup_{mode}", warmup if args.warmup is None else args.warmup)
-        setattr(args, f"iters_{mode}", iters if args.iters is None else args.iters)
+    counts = BenchmarkOptions(warmup=args.warmup, iters=args.iters)  # the benchmark's defaults and overrides
+    args.warmup_train, args.iters_train = _iters(counts, device, "train")
+    args.warmup_infer, args.iters_infer = _iters(counts, device, "inference")
     command = "python benchmarks/vs_torchvision.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     env = environment(device)
     gpu = ""

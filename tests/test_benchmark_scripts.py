@@ -227,7 +227,7 @@ def test_the_detkit_parts_it_calls_exist():
     from detkit.engine import benchmark, environment
 
     for name in ("build_train_step", "synthetic_batches", "with_size", "measure_loop", "CudaEvents", "device_sync",
-                 "DEFAULT_ITERS"):
+                 "DEFAULT_ITERS", "BenchmarkOptions", "_iters"):
         assert hasattr(benchmark, name), name
     assert hasattr(environment, "environment") and hasattr(environment, "device_slug")
     assert {("cuda", "train"), ("cuda", "inference")} <= set(benchmark.DEFAULT_ITERS)

@@ -18,6 +18,9 @@ def _load_script():
     return module
 
 
+zoo = _load_script()
+
+
 def test_sweep_writes_a_record_per_config_and_the_page(tmp_path):
     records, out = tmp_path / "records", tmp_path / "MODEL_ZOO.md"
     done = subprocess.run([sys.executable, str(SCRIPT), "--configs", "configs/retinanet-resnet18-fpn-demo.yaml",
@@ -33,7 +36,6 @@ def test_sweep_writes_a_record_per_config_and_the_page(tmp_path):
     page = out.read_text()
     assert f"[json]({Path('records') / path.name})" in page
     # a record at a replaced size is not the config's own: --skip-existing measures it again
-    zoo = _load_script()
     config = ROOT / "configs" / "retinanet-resnet18-fpn-demo.yaml"
     assert not zoo.current_record(path, config)
     record["settings"]["size"] = None
@@ -46,7 +48,6 @@ def test_sweep_writes_a_record_per_config_and_the_page(tmp_path):
 
 def test_a_failing_config_is_retried_at_half_the_batch_and_reported(tmp_path):
     config = ROOT / "configs" / "retinanet-resnet18-fpn-demo.yaml"
-    zoo = _load_script()
     args = zoo.parse_args(["--configs", str(config.relative_to(ROOT)), "--train-batch", "2", "--timeout", "0.01"])
     ok, what = zoo.run_one(config, tmp_path / "r.json", tmp_path / "log", args)
     assert not ok and what.startswith("timed out")
@@ -59,7 +60,6 @@ def test_a_failing_config_is_retried_at_half_the_batch_and_reported(tmp_path):
 
 
 def test_a_record_whose_training_ran_out_of_memory_is_retried(tmp_path, monkeypatch):
-    zoo = _load_script()
     config = ROOT / "configs" / "retinanet-resnet18-fpn-demo.yaml"
     out = tmp_path / "r.json"
     batches = []
@@ -77,5 +77,4 @@ def test_a_record_whose_training_ran_out_of_memory_is_retried(tmp_path, monkeypa
 
 
 def test_an_absolute_pattern_outside_the_repository_is_refused(tmp_path):
-    zoo = _load_script()
     assert zoo.main(["--configs", str(tmp_path / "*.yaml"), "--records", str(tmp_path)]) == 2

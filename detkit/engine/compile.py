@@ -6,14 +6,13 @@ the convolutions. RetinaNet's losses over every anchor (focal and box loss, fixe
 compiled too: their elementwise passes over (N, A, K) logits fuse into a few kernels. The rest of a detector
 (matching, sampling, NMS, the RoI heads with their varying number of regions) stays eager. Each module is
 compiled in place with `nn.Module.compile`, so parameter names, state dicts and checkpoints are those of the
-eager model; the losses are a function attribute, not state, and pickle as the plain function.
+eager model (RetinaNet's loss module has no state).
 """
 
 from __future__ import annotations
 
 import logging
 
-import torch
 from torch import nn
 
 from ..config.load import ConfigError
@@ -21,9 +20,7 @@ from ..config.load import ConfigError
 logger = logging.getLogger(__name__)
 
 # attribute paths of the parts worth compiling, where a detector has them
-DENSE_PARTS = ("backbone", "neck", "head", "rpn.head")
-# functions a detector holds as attributes, worth compiling: RetinaNet's losses over every anchor (fixed shapes)
-DENSE_FUNCTIONS = ("losses_fn",)
+DENSE_PARTS = ("backbone", "neck", "head", "loss", "rpn.head")
 
 
 def dense_parts(model: nn.Module) -> dict[str, nn.Module]:
@@ -68,14 +65,6 @@ def compile_model(model: nn.Module, runtime) -> list[str]:
                    mode=None if runtime.compile_mode == "default" else runtime.compile_mode)
     for module in parts.values():
         module.compile(**options)
-    names = list(parts)
-    for name in DENSE_FUNCTIONS:
-        function = getattr(model, name, None)
-        # a function compiled before (compile_model called twice) is left as it is
-        if callable(function) and not isinstance(function, nn.Module) \
-                and not hasattr(function, "_torchdynamo_orig_callable"):
-            setattr(model, name, torch.compile(function, **options))
-            names.append(name)
     logger.info("torch.compile (backend %s, mode %s): %s", runtime.compile_backend, runtime.compile_mode,
-                ", ".join(names) or "no dense part found")
-    return names
+                ", ".join(parts) or "no dense part found")
+    return list(parts)

@@ -1,7 +1,6 @@
 """How much of a training step is spent outside convolutions and matrix products, from the PyTorch profiler."""
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -79,13 +78,10 @@ def op_time_split(step: Callable[[], object], warmup: int = 1, timed: int = 2, a
         timed: unprofiled steps; their median is `step_seconds` (at least 1).
         active: profiled steps.
     """
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(max(1, timed)):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    from .benchmark import measure_loop
+
+    # on the CPU every step has finished when it returns: no synchronisation to wait for
+    step_seconds = measure_loop(step, warmup, max(1, timed), sync=lambda: None).median
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         for _ in range(active):
@@ -101,5 +97,4 @@ def op_time_split(step: Callable[[], object], warmup: int = 1, timed: int = 2, a
     # "unattributed": what no aten op outside the core claims: compiled (fused) kernels, Python and the
     # profiler's own work
     buckets["unattributed"] = max(0.0, 1 - core / wall - sum(buckets.values()))
-    step_seconds = statistics.median(times)
     return Split(step_seconds, wall, core, 1 - core / wall, 1 - core / (active * step_seconds), buckets)

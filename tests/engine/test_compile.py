@@ -21,7 +21,7 @@ from detkit.engine.optim import build_optimizer
 from detkit.engine.schedule import build_scheduler
 from detkit.engine.train_step import TrainStep
 from detkit.modeling.build import build_model
-from detkit.modeling.detectors.retinanet import retinanet_losses
+from detkit.modeling.detectors.retinanet import RetinaNetLoss
 from run_configs import fast_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,7 +54,7 @@ def test_unknown_backend_or_a_mode_for_another_backend_is_a_config_error(synth_r
 
 def test_dense_parts_of_each_detector(synth_root, tmp_path):
     cfg = fast_config(synth_root, tmp_path)
-    assert list(dense_parts(build_model(cfg.model, 3))) == ["backbone", "neck", "head"]
+    assert list(dense_parts(build_model(cfg.model, 3))) == ["backbone", "neck", "head", "loss"]
     faster = load_config(Config, REPO / "configs" / "faster-rcnn-resnet18-fpn-demo.yaml")
     assert list(dense_parts(build_model(faster.model, 3))) == ["backbone", "neck", "rpn.head"]
 
@@ -69,7 +69,7 @@ def test_compiled_training_step_matches_eager_and_keeps_the_state_dict(synth_roo
     torch.manual_seed(0)
     eager = build_model(cfg.model, dataset.coco.num_classes)
     compiled = copy.deepcopy(eager)
-    assert compile_model(compiled, cfg.runtime) == ["backbone", "neck", "head", "losses_fn"]
+    assert compile_model(compiled, cfg.runtime) == ["backbone", "neck", "head", "loss"]
     assert compiled.backbone._compiled_call_impl is not None
     assert list(compiled.state_dict()) == list(eager.state_dict())
 
@@ -79,18 +79,16 @@ def test_compiled_training_step_matches_eager_and_keeps_the_state_dict(synth_roo
         step = _step(model, cfg)
         results.append([step(iter([batch])).values["loss"] for _, batch in batches])
     assert counters["stats"]["unique_graphs"] >= 4
-    # dynamo did capture the losses: their code object has compiled entries
-    assert eager.losses_fn is retinanet_losses and compiled.losses_fn is not retinanet_losses
-    assert torch._dynamo.eval_frame._debug_get_cache_entry_list(retinanet_losses.__code__)
+    # dynamo did capture the losses: their module's forward has compiled entries
+    assert eager.loss._compiled_call_impl is None and compiled.loss._compiled_call_impl is not None
+    assert torch._dynamo.eval_frame._debug_get_cache_entry_list(RetinaNetLoss.forward.__code__)
     assert not counters["graph_break"], dict(counters["graph_break"])  # each part is one whole graph
     assert results[0] == results[1]
     for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
         assert torch.equal(a, b), name
-    # a compiled model pickles (the plain losses function stands in), and compiling again wraps nothing twice
-    assert pickle.loads(pickle.dumps(compiled)).losses_fn is retinanet_losses
-    losses_fn = compiled.losses_fn
-    compile_model(compiled, cfg.runtime)
-    assert compiled.losses_fn is losses_fn
+    # a compiled model pickles (as its eager self), and compiling again replaces the compiled calls
+    assert pickle.loads(pickle.dumps(compiled)).loss._compiled_call_impl is None
+    assert compile_model(compiled, cfg.runtime) == ["backbone", "neck", "head", "loss"]
 
 
 def test_compiled_inference_gives_the_same_detections(synth_root, tmp_path):

@@ -79,6 +79,20 @@ def retinanet_losses(pred_logits: Tensor, pred_deltas: Tensor, anchors: Tensor, 
     return {"loss_cls": cls_loss / normalizer, "loss_box": box_loss / normalizer}
 
 
+class RetinaNetLoss(nn.Module):
+    """`retinanet_losses` with its box coder and settings bound: no state, a module so that `runtime.compile`
+    compiles it in place like the other dense parts (its passes over (N, A, K) logits then fuse)."""
+
+    def __init__(self, box_coder: BoxCoder, cfg: RetinaNetConfig):
+        super().__init__()
+        self.box_coder, self.cfg = box_coder, cfg
+
+    def forward(self, pred_logits: Tensor, pred_deltas: Tensor, anchors: Tensor, gt_classes: Tensor,
+                matched_boxes: Tensor, normalizer: Tensor) -> dict[str, Tensor]:
+        return retinanet_losses(pred_logits, pred_deltas, anchors, gt_classes, matched_boxes, self.box_coder,
+                                self.cfg, normalizer)
+
+
 @torch.no_grad()
 def postprocess(pred_logits_per_level: list[Tensor], pred_deltas_per_level: list[Tensor],
                 anchors_per_level: list[Tensor], image_sizes: Tensor, box_coder: BoxCoder, *,
@@ -156,8 +170,8 @@ class RetinaNet(nn.Module):
         self.anchor_generator, self.matcher, self.box_coder = anchor_generator, matcher, box_coder
         self.input_cfg, self.cfg = input_cfg, cfg
         self.num_classes = head.num_classes
-        # the losses over every anchor: a plain function, which runtime.compile replaces by its compiled form
-        self.losses_fn = retinanet_losses
+        # the losses over every anchor, a stateless module so that runtime.compile compiles it like the heads
+        self.loss = RetinaNetLoss(box_coder, cfg)
         # detectron2's normaliser state; a buffer so that it is checkpointed and resumes exactly
         self.register_buffer("loss_normalizer", torch.tensor(100.0))
         # (1, 3, 1, 1) normalisation constants on the model's device: not in the state dict
@@ -165,12 +179,6 @@ class RetinaNet(nn.Module):
                              persistent=False)
         self.register_buffer("pixel_std", torch.tensor(input_cfg.pixel_std, dtype=torch.float32).view(1, 3, 1, 1),
                              persistent=False)
-
-    def __getstate__(self) -> dict:
-        # a compiled `losses_fn` (runtime.compile) does not pickle: the plain function stands in for it
-        state = super().__getstate__()
-        state["losses_fn"] = retinanet_losses
-        return state
 
     def forward(self, images: Tensor, image_sizes: Tensor, targets: list | None = None, *,
                 image_scales: Tensor | None = None,
@@ -224,16 +232,12 @@ class RetinaNet(nn.Module):
         kind = self.cfg.normalizer
         if loss_normalizer is not None:
             normalizer = loss_normalizer.detach().to(num_fg)
-        elif kind == "ema":
-            with torch.no_grad():
-                m = self.cfg.ema_momentum
-                self.loss_normalizer.mul_(m).add_((1 - m) * num_fg.clamp(min=1))
-            normalizer = self.loss_normalizer.clone()
+        elif kind == "ema":  # the EMA's update and value, as for a whole step
+            normalizer = self.step_normalizer(num_fg, len(targets))
         else:
             normalizer = fg_normalizer(kind, num_fg, len(targets))
         with record_function("detkit.losses"):
-            losses = self.losses_fn(pred_logits, pred_deltas, anchors, gt_classes, matched_boxes, self.box_coder,
-                                    self.cfg, normalizer)
+            losses = self.loss(pred_logits, pred_deltas, anchors, gt_classes, matched_boxes, normalizer)
         losses["num_fg"] = num_fg.detach() / len(targets)  # logged, not optimised
         if loss_normalizer is not None:
             losses["num_fg_total"] = num_fg.detach()  # summed over the step for `step_normalizer`
