@@ -208,10 +208,10 @@ def _eval_weights(args: argparse.Namespace) -> int:
     device = resolve_device(cfg.runtime.device)
     model, categories = load_detector(cfg, args.weights, device)
     dataset = build_dataset(cfg.data, "val")
-    loader = build_test_loader(dataset, cfg.data, pin_memory=device.type == "cuda")
-    result = evaluate_model(model, dataset, loader, device, amp=cfg.runtime.amp, iou_types=args.iou_types,
-                            out_dir=args.out, plots=not args.no_plots,
-                            category_ids=np.array([c["id"] for c in categories]))
+    with build_test_loader(dataset, cfg.data, pin_memory=device.type == "cuda") as loader:
+        result = evaluate_model(model, dataset, loader, device, amp=cfg.runtime.amp, iou_types=args.iou_types,
+                                out_dir=args.out, plots=not args.no_plots,
+                                category_ids=np.array([c["id"] for c in categories]))
     for iou_type, r in result["evaluations"].items():
         print(f"Evaluate annotation type *{iou_type}*  ({r.num_detections:,} detections, "
               f"{result['images_per_second']:.1f} images/s)")

@@ -7,12 +7,14 @@ run can resume at any step by skipping ahead.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import itertools
 import logging
 import math
 import random
 import signal
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Iterator, Sequence
@@ -308,6 +310,60 @@ def seed_worker(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+class DetectionLoader(DataLoader):
+    """A DataLoader whose worker processes always end: on `close()`, and at the latest when the interpreter exits.
+
+    The workers ignore SIGTERM (see `seed_worker`), so multiprocessing's exit handler, which sends them SIGTERM and
+    waits for them, would wait forever for the persistent workers of a loader still referenced at exit. Every
+    iterator with workers is tracked, and `shutdown_loaders` (registered with atexit after multiprocessing's
+    handler, so it runs first) asks each one's workers to finish and joins them.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._worker_iterators: weakref.WeakSet = weakref.WeakSet()
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        if self.num_workers > 0:
+            _LIVE_ITERATORS.add(iterator)
+            self._worker_iterators.add(iterator)
+        return iterator
+
+    def close(self) -> None:
+        """Stop this loader's worker processes now (iterating again starts new ones)."""
+        for iterator in list(self._worker_iterators):
+            _shutdown_iterator(iterator)
+        self._worker_iterators = weakref.WeakSet()
+        self._iterator = None  # the persistent workers' iterator, which DataLoader would reuse
+
+    def __enter__(self) -> "DetectionLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_LIVE_ITERATORS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _shutdown_iterator(iterator) -> None:
+    _LIVE_ITERATORS.discard(iterator)
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+def shutdown_loaders() -> None:
+    """Stop the worker processes of every loader iterator still alive in this process."""
+    for iterator in list(_LIVE_ITERATORS):
+        _shutdown_iterator(iterator)
+
+
+# atexit runs its handlers last-registered first: this one before multiprocessing's, which joins the workers
+atexit.register(shutdown_loaders)
+
+
 def build_dataset(cfg: DataConfig, split: str) -> DetectionDataset:
     """The `train` or `val` split of `cfg` as a DetectionDataset (the reader's report is on `.coco.report`)."""
     ds_cfg = cfg.train if split == "train" else cfg.val
@@ -322,10 +378,10 @@ def build_dataset(cfg: DataConfig, split: str) -> DetectionDataset:
 
 
 def _loader(dataset: DetectionDataset, batch_sampler: Sampler, cfg: DataConfig, seed: int,
-            pin_memory: bool) -> DataLoader:
+            pin_memory: bool) -> DetectionLoader:
     t = dataset.transform
     workers = cfg.num_workers
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
+    return DetectionLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
                       collate_fn=partial(collate, size_divisibility=t.cfg.size_divisibility, fixed_size=t.fixed_size),
                       pin_memory=pin_memory, worker_init_fn=seed_worker if workers else None,
                       generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0,
@@ -334,7 +390,7 @@ def _loader(dataset: DetectionDataset, batch_sampler: Sampler, cfg: DataConfig, 
 
 def build_train_loader(dataset: DetectionDataset, cfg: DataConfig, *, seed: int = 0, rank: int = 0,
                        world_size: int = 1, accumulate: int = 1, start_step: int = 0,
-                       pin_memory: bool = False) -> DataLoader:
+                       pin_memory: bool = False) -> DetectionLoader:
     """An endless loader of this rank's training micro-batches (`Batch`es of cfg.batch_size images).
 
     One optimiser step consumes `accumulate` of them; `start_step` optimiser steps are skipped (resume). The
@@ -347,7 +403,7 @@ def build_train_loader(dataset: DetectionDataset, cfg: DataConfig, *, seed: int 
 
 
 def build_test_loader(dataset: DetectionDataset, cfg: DataConfig, *, rank: int = 0, world_size: int = 1,
-                      pin_memory: bool = False) -> DataLoader:
+                      pin_memory: bool = False) -> DetectionLoader:
     """Every image once, in order, in batches of cfg.test_batch_size."""
     sampler = InferenceBatchSampler(len(dataset), cfg.test_batch_size, rank, world_size)
     return _loader(dataset, sampler, cfg, 0, pin_memory)

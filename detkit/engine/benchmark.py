@@ -588,10 +588,10 @@ def benchmark_accuracy(cfg: Config, model: torch.nn.Module, categories: list[dic
     dataset = build_dataset(cfg.data, "val")
     subset = eval_images is not None and eval_images < len(dataset)
     view = _FirstImages(dataset, eval_images) if subset else dataset
-    loader = build_test_loader(view, cfg.data, pin_memory=device.type == "cuda")
     # evaluate_model detects and maps back to the original images; the scoring below restricts it to the subset
-    detected = evaluate_model(model, dataset, loader, device, amp=cfg.runtime.amp, iou_types=(), progress=False,
-                              category_ids=np.array([c["id"] for c in categories]))
+    with build_test_loader(view, cfg.data, pin_memory=device.type == "cuda") as loader:
+        detected = evaluate_model(model, dataset, loader, device, amp=cfg.runtime.amp, iou_types=(),
+                                  progress=False, category_ids=np.array([c["id"] for c in categories]))
     image_ids = [int(i) for i in dataset.coco.image_ids[:len(view)]] if subset else None
     out = {"annotations": cfg.data.val.annotations, "weights": str(weights), "weights_sha256": file_sha256(weights),
            "images": len(view), "subset": subset}

@@ -502,6 +502,17 @@ class Trainer:
         Raises:
             DivergenceError: the loss kept diverging (see `solver.divergence`).
         """
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the evaluation loader's worker processes (the training loader's stop with the loop)."""
+        if self._val is not None:
+            self._val[1].close()
+
+    def _train(self) -> dict:
         with StopRequest() as stop:
             self._stop_request = stop
             try:
@@ -592,6 +603,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            loader.close()  # the workers end with the loop, not at interpreter exit
         return None
 
     def _stop(self, signal_name: str, saved_at: int | None) -> dict:
