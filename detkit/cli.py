@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -15,15 +16,216 @@ DEMO_IMAGE_SIZES = (128, 192)  # short side range: small images, so that a CPU t
 DEMO_CONFIG = "retinanet-resnet18-fpn-demo.yaml"
 DEMO_OUT = Path("runs/demo")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+CONFIG_SUFFIXES = (".yaml", ".yml")
+# a config override on the command line: a dotted key of identifiers, "=", a YAML value
+_OVERRIDE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*=")
+EXIT_USAGE, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class UsageError(Exception):
+    """The command line asks for something that cannot work; the message says what to write instead."""
 
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+# --- the command line's positionals: config, key=value overrides, images ---------------------------------------
+
+def is_override(token: str) -> bool:
+    """`token` is a `key=value` config override: a dotted key, "=", a value, and not the name of an existing file
+    (an image may be called `a=b.jpg`)."""
+    return bool(_OVERRIDE.match(token)) and not os.path.exists(token)
+
+
+def is_config_path(token: str) -> bool:
+    return token.lower().endswith(CONFIG_SUFFIXES)
+
+
+def _not_an_override(token: str, command: str, takes: str) -> UsageError:
+    hint = (" (an override is key=value with a dotted key, e.g. solver.base_lr=0.02)" if "=" in token or
+            re.fullmatch(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+", token) else "")
+    return UsageError(f"unexpected argument {token!r}{hint}: `detkit {command}` takes {takes}")
+
+
+def resolve_positionals(args: argparse.Namespace) -> argparse.Namespace:
+    """Sort the command's positional words into `args.config`, `args.overrides` (and `args.images` for predict,
+    `args.target` for check-data), the same way for every command, wherever they stand among the flags.
+
+    A word is an override when it looks like `key=value` and names no existing file; a config is recognised by its
+    .yaml/.yml suffix where the command also takes other words (predict's images, eval's optional config).
+
+    Raises:
+        UsageError: a word that fits nowhere, a missing config, two configs.
+    """
+    command = args.command
+    tokens = list(getattr(args, "positionals", []))
+    tokens += getattr(args, "set_overrides", None) or []  # predict's old --set, an alias of positional overrides
+    resume = getattr(args, "resume", False)
+    if command == "train" and isinstance(resume, str):
+        # `--resume` takes an optional value, so it swallows the word after it: give back an override or a config
+        if is_override(resume):
+            tokens.append(resume)
+            args.resume = True
+        elif is_config_path(resume) and not any(is_config_path(t) for t in tokens):
+            tokens.insert(0, resume)
+            args.resume = True
+    tokens += getattr(args, "spilled", None) or []  # what a list option (--iou-types) took from after it
+    overrides = [t for t in tokens if is_override(t)]
+    words = [t for t in tokens if not is_override(t)]
+    args.overrides = overrides
+    if command in ("train", "flops", "benchmark"):
+        if not words:
+            raise UsageError(f"give the config: detkit {command} CONFIG [key=value ...]")
+        args.config, *rest = words
+        if rest:
+            raise _not_an_override(rest[0], command, "one config and key=value overrides")
+    elif command == "eval":
+        args.config, *rest = words or [None]
+        if rest:
+            raise _not_an_override(rest[0], command, "at most one config and key=value overrides")
+    elif command == "predict":
+        configs = [w for w in words if is_config_path(w)]
+        if len(configs) > 1:
+            raise UsageError(f"two configs given ({configs[0]}, {configs[1]}): `detkit predict` takes one")
+        args.config = configs[0] if configs else None
+        args.images = [w for w in words if w not in configs]
+        if not args.images:
+            raise UsageError("give the images: detkit predict [CONFIG] IMAGES_OR_FOLDERS... --weights W --out DIR")
+    elif command == "check-data":
+        if not words:
+            raise UsageError("give what to check: detkit check-data CONFIG [key=value ...], or detkit check-data "
+                             "ANNOTATIONS.json --images DIR")
+        args.target, *rest = words
+        if rest:
+            raise _not_an_override(rest[0], command, "one config (or annotations file) and key=value overrides")
+        if overrides and not is_config_path(args.target):
+            raise UsageError(f"key=value overrides apply to a config, and {args.target} is not one (.yaml/.yml)")
+        args.config = args.target if is_config_path(args.target) else None
+    elif command == "demo":
+        if words:
+            raise _not_an_override(words[0], command, "key=value overrides of the demo config only")
+    return args
+
+
+class _ListOption(argparse.Action):
+    """A `nargs="+"` option (e.g. `--iou-types bbox segm`) that gives back the key=value overrides and the config
+    its greedy list took from after it, so that they count as such wherever they are written."""
+
+    def __init__(self, *args, item_type=str, item_choices=None, **kwargs):
+        self.item_type, self.item_choices = item_type, item_choices
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items, spilled = [], []
+        for value in values:
+            if is_override(value) or is_config_path(value):
+                spilled.append(value)
+                continue
+            try:
+                item = self.item_type(value)
+            except ValueError:
+                raise argparse.ArgumentError(self, f"invalid {self.item_type.__name__} value: {value!r}") from None
+            if self.item_choices is not None and item not in self.item_choices:
+                raise argparse.ArgumentError(self, f"invalid choice: {value!r} (choose from "
+                                                   f"{', '.join(map(str, self.item_choices))})")
+            items.append(item)
+        if not items:
+            raise argparse.ArgumentError(self, "expected at least one value")
+        setattr(namespace, self.dest, items)
+        namespace.spilled = [*(getattr(namespace, "spilled", None) or []), *spilled]
+
+
+# --- up-front checks: what would otherwise fail late, or leave a run folder behind -------------------------------
+
+def _where(path: str) -> str:
+    from .config.load import PATH_RULE
+
+    return f" (looked in {Path.cwd()}; {PATH_RULE})" if not Path(path).is_absolute() else ""
+
+
+def missing_dataset_message(key: str, path: str, split: str) -> str:
+    """One line for a dataset path of the config that does not exist: where it was looked for, and how to make a
+    dataset."""
+    what = "file" if key.endswith("annotations") else "folder"
+    return (f"{key}: no such {what} {path}{_where(path)}. Make a dataset with `detkit synth DIR` and point the "
+            f"config at it (data.{split}.annotations=DIR/annotations/instances_{split}.json "
+            f"data.{split}.images=DIR/{split}), or run `detkit demo`, which makes {DEMO_DATA}")
+
+
+def check_dataset(cfg, splits: dict[str, bool]) -> None:
+    """Check that the dataset files of `splits` ({"train": required, "val": required}) exist.
+
+    A split that is not required is checked only when its annotations are set.
+
+    Raises:
+        DatasetError: a file or folder is missing, or a required split is not set.
+    """
+    from .data.coco import DatasetError
+
+    for split, required in splits.items():
+        ds = getattr(cfg.data, split)
+        if not ds.annotations:
+            if required:
+                raise DatasetError(f"data.{split}.annotations is not set: give the COCO instances JSON, e.g. "
+                                   f"data.{split}.annotations=DIR/annotations/instances_{split}.json "
+                                   f"data.{split}.images=DIR/{split} for a dataset from `detkit synth DIR`")
+            continue
+        if not Path(ds.annotations).is_file():
+            raise DatasetError(missing_dataset_message(f"data.{split}.annotations", ds.annotations, split))
+        if not ds.images:
+            raise DatasetError(f"data.{split}.images is not set: give the folder that the file_names of "
+                               f"{ds.annotations} are relative to")
+        if not Path(ds.images).is_dir():
+            raise DatasetError(missing_dataset_message(f"data.{split}.images", ds.images, split))
+
+
+def _check_device(name: str, source: str = "runtime.device") -> None:
+    """A device the machine does not have is a config error, said before anything is built."""
+    from .config import ConfigError
+    from .engine.trainer import resolve_device
+
+    try:
+        resolve_device(name)
+    except RuntimeError as exc:
+        if "CUDA is not available" in str(exc):
+            raise ConfigError(f"{source} is {name!r} but this machine has no CUDA; use {source}"
+                              f"{'=' if source.startswith('runtime') else ' '}cpu (or auto)") from None
+        raise ConfigError(f"{source}: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+
+
+def _check_weights_paths(cfg) -> None:
+    from .modeling.weights import WeightsError
+
+    for key, path in (("model.weights", cfg.model.weights), ("model.backbone.weights", cfg.model.backbone.weights)):
+        if path and not Path(path).is_file():
+            raise WeightsError(f"{key}: no such file {path}{_where(path)}")
+
+
+def _new_folders(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first."""
+    path = Path(path).absolute()
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed start created, deepest first, while they are empty (never anything in them)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from .data.synth import generate
 
+    for flag, value, least in (("--train", args.train, 0), ("--val", args.val, 0), ("--min-size", args.min_size, 16),
+                               ("--max-objects", args.max_objects, 0), ("--workers", args.workers, 0)):
+        if value < least:
+            raise UsageError(f"{flag} must be >= {least}, got {value}")
+    if args.max_size < args.min_size:
+        raise UsageError(f"--max-size ({args.max_size}) must be >= --min-size ({args.min_size})")
     splits = {"train": args.train, "val": args.val}
     splits = {k: v for k, v in splits.items() if v > 0}
     if not splits:
@@ -78,27 +280,38 @@ def _decode_one(job: tuple[str, tuple[int, int], int]) -> tuple[str, str | None]
     return path, None
 
 
-def _splits_from_target(target: str, images: str | None) -> list[tuple[str, str, str]]:
-    """(name, annotations, image root) for a config file or an annotations JSON."""
-    if target.endswith((".yaml", ".yml")):
-        from .config import Config, load_config
+def _splits_from_target(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """(name, annotations, image root) for a config file (overrides applied) or an annotations JSON."""
+    from .data.coco import DatasetError
 
-        cfg = load_config(Config, target)
+    if args.config:
+        cfg = _load_config(args)
+        check_dataset(cfg, {"train": False, "val": False})
         out = [(name, ds.annotations, ds.images) for name, ds in (("train", cfg.data.train), ("val", cfg.data.val))
                if ds.annotations]
         if not out:
-            raise SystemExit(f"error: {target} sets neither data.train.annotations nor data.val.annotations")
+            raise UsageError(f"{args.config} sets neither data.train.annotations nor data.val.annotations")
         return out
-    if images is None:
-        raise SystemExit("error: give the image folder with --images when checking an annotations file")
-    return [(Path(target).name, target, images)]
+    target = args.target
+    if not Path(target).is_file():
+        raise DatasetError(f"no such annotations file {target}. Make a dataset with `detkit synth DIR` (its "
+                           "annotations are DIR/annotations/instances_{train,val}.json), or run `detkit demo`, "
+                           f"which makes {DEMO_DATA}")
+    if args.images is None:
+        raise UsageError("give the image folder with --images when checking an annotations file")
+    if not Path(args.images).is_dir():
+        raise DatasetError(f"--images: no such folder {args.images} (the folder the file_names of {target} are "
+                           "relative to)")
+    return [(Path(target).name, target, args.images)]
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
     from .data.coco import CocoDataset, DatasetError
 
+    if args.max_pixels < 1 or args.min_box_size < 0:
+        raise UsageError("--max-pixels must be >= 1 and --min-box-size >= 0")
     problems = 0
-    splits = _splits_from_target(args.target, args.images)
+    splits = _splits_from_target(args)
     for name, annotation_file, images in splits:
         start = time.perf_counter()
         try:
@@ -135,6 +348,28 @@ def _load_config(args: argparse.Namespace):
     return cfg
 
 
+def _config_for_weights(args: argparse.Namespace):
+    """The config to run `args.weights` with, and the weights file as read (or None).
+
+    The config named on the command line, else the one a detkit checkpoint stores; overrides apply to either.
+    The checkpoint is read with the weights-only unpickler, once: nothing in it is executed.
+    """
+    if args.config:
+        return _load_config(args), None
+    from .config import Config
+    from .config.load import config_from_data
+    from .engine.inference import checkpoint_config
+    from .modeling.weights import read_weights_file
+
+    stored = read_weights_file(args.weights)
+    data = checkpoint_config(stored)
+    if data is None:
+        raise UsageError(f"{args.weights} holds no config (only detkit checkpoints do); give the config it goes "
+                         f"with: detkit {args.command} CONFIG ... --weights {args.weights}")
+    cfg = config_from_data(Config, data, args.overrides, source=f"the config stored in {args.weights}")
+    return cfg, stored
+
+
 def shipped_config(name: str) -> Path:
     """A config shipped in the repository's configs/ folder."""
     root = Path(__file__).resolve().parents[1] / "configs"
@@ -169,16 +404,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 2
     if args.gpus > 1 and "LOCAL_RANK" not in os.environ:
         return _launch_on_gpus(args)
-    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
-        # `--resume key=value`: argparse took an override for the optional checkpoint path
-        args.overrides.append(args.resume)
-        args.resume = True
     cfg = _load_config(args)
     if args.output_dir:
         cfg.runtime.output_dir = args.output_dir
+    # everything that can be checked without building anything, before the run folder is made
+    check_dataset(cfg, {"train": True, "val": False})
+    _check_weights_paths(cfg)
+    _check_device(cfg.runtime.device)
+    if isinstance(args.resume, str) and not Path(args.resume).is_file():
+        raise FileNotFoundError(f"--resume: no such checkpoint {args.resume} (without a path, --resume continues "
+                                f"from the last checkpoint in runtime.output_dir, {cfg.runtime.output_dir})")
+    new_folders = _new_folders(Path(cfg.runtime.output_dir))
     try:
-        trainer = Trainer(cfg, resume=args.resume or False, progress=not args.no_progress,
-                          allow_changes=args.allow_changes)
+        try:
+            trainer = Trainer(cfg, resume=args.resume or False, progress=not args.no_progress,
+                              allow_changes=args.allow_changes)
+        except BaseException:
+            _remove_empty(new_folders)  # a start that failed leaves no empty run folder behind
+            raise
         result = trainer.train()
     finally:
         shutdown()
@@ -197,16 +440,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _eval_weights(args: argparse.Namespace) -> int:
-    """`detkit eval CONFIG --weights W`: detect on the config's val split and evaluate."""
+    """`detkit eval [CONFIG] --weights W`: detect on the config's val split and evaluate."""
     import numpy as np
 
     from .data.loader import build_dataset, build_test_loader
     from .engine.inference import evaluate_model, load_detector
     from .engine.trainer import resolve_device
 
-    cfg = _load_config(args)
+    cfg, stored = _config_for_weights(args)
+    check_dataset(cfg, {"val": True})
+    _check_device(cfg.runtime.device)
     device = resolve_device(cfg.runtime.device)
-    model, categories = load_detector(cfg, args.weights, device)
+    model, categories = load_detector(cfg, args.weights, device, stored=stored)
+    del stored
     dataset = build_dataset(cfg.data, "val")
     with build_test_loader(dataset, cfg.data, pin_memory=device.type == "cuda") as loader:
         result = evaluate_model(model, dataset, loader, device, amp=cfg.runtime.amp, iou_types=args.iou_types,
@@ -227,16 +473,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .utils.fileio import write_json_atomic
 
     if args.weights:
-        if not args.config:
-            print("error: --weights needs a config (the model to build and the val split)", file=sys.stderr)
-            return 2
+        if args.results or args.gt:
+            raise UsageError("--weights evaluates a model on the config's val split; --gt and --results evaluate "
+                             "a results file: give one or the other")
         return _eval_weights(args)
     gt = args.gt
-    if gt is None and args.config:
+    if args.config:
         from .config import Config, load_config
 
         cfg = load_config(Config, args.config, args.overrides)
-        gt = cfg.data.val.annotations
+        if gt is None:
+            gt = cfg.data.val.annotations
+            if gt and not Path(gt).is_file():
+                from .data.coco import DatasetError
+
+                raise DatasetError(missing_dataset_message("data.val.annotations", gt, "val"))
+    elif args.overrides:
+        raise UsageError("key=value overrides apply to a config or to the config stored in --weights; "
+                         "`detkit eval --gt ... --results ...` has none")
     if not gt:
         print("error: give the ground truth with --gt (or a config whose data.val.annotations is set)",
               file=sys.stderr)
@@ -245,6 +499,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print("error: give the detections with --results (a COCO results JSON) or a model with --weights",
               file=sys.stderr)
         return 2
+    for flag, path in (("--gt", gt), ("--results", args.results)):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{flag}: no such file {path}")
     from .data.coco import load_json
 
     results = load_json(args.results)
@@ -267,11 +524,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _image_paths(inputs: Sequence[str]) -> list[Path]:
+    """The image files named by `inputs` (files, and the images anywhere in folders), in order.
+
+    Raises:
+        FileNotFoundError: an input does not exist.
+        UsageError: the inputs hold no image at all.
+    """
     paths = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            paths.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES))
+            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+            if not found:
+                raise UsageError(f"no images in the folder {item} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+            paths.extend(found)
         elif p.is_file():
             paths.append(p)
         else:
@@ -279,8 +545,16 @@ def _image_paths(inputs: Sequence[str]) -> list[Path]:
     return paths
 
 
-def run_predict(cfg, weights: str, inputs: Sequence[str], out_dir: str | Path, score_threshold: float) -> list[Path]:
-    """Detect on images, draw boxes, names and scores, write one PNG per image and predictions.json."""
+def run_predict(cfg, weights: str, inputs: Sequence[str], out_dir: str | Path, score_threshold: float, *,
+                stored=None) -> list[Path]:
+    """Detect on images, draw boxes, names and scores, write one PNG per image and predictions.json.
+
+    Args:
+        stored: `weights` as already read by `read_weights_file`, if it was.
+
+    Returns:
+        The pictures written; images that cannot be decoded are skipped with a line on stderr.
+    """
     import numpy as np
     import torch
 
@@ -292,14 +566,15 @@ def run_predict(cfg, weights: str, inputs: Sequence[str], out_dir: str | Path, s
     from .utils.fileio import write_json_atomic
     from .utils.visualize import draw_detections, save_image_atomic
 
+    paths = _image_paths(inputs)  # before the model is built: a wrong path fails at once
     device = resolve_device(cfg.runtime.device)
-    model, categories = load_detector(cfg, weights, device)
+    model, categories = load_detector(cfg, weights, device, stored=stored)
     names = [c["name"] for c in categories]
     transform = TransformPipeline(cfg.data.test_transform, train=False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, records, used_names = [], [], set()
-    for i, path in enumerate(_image_paths(inputs)):
+    for i, path in enumerate(paths):
         try:
             image = read_image(path, cfg.data.max_image_pixels)
         except ImageDecodeError as exc:
@@ -329,8 +604,18 @@ def run_predict(cfg, weights: str, inputs: Sequence[str], out_dir: str | Path, s
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    cfg = _load_config(args)
-    written = run_predict(cfg, args.weights, args.images, args.out, args.score_threshold)
+    if not 0.0 <= args.score_threshold <= 1.0:
+        raise UsageError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    if args.set_overrides:
+        print("note: --set is no longer needed: write key=value overrides among the other arguments",
+              file=sys.stderr)
+    count = len(_image_paths(args.images))  # a wrong path fails before the weights are read
+    cfg, stored = _config_for_weights(args)
+    _check_device(cfg.runtime.device)
+    written = run_predict(cfg, args.weights, args.images, args.out, args.score_threshold, stored=stored)
+    if not written:
+        raise UsageError(f"no image could be read ({count} given, see above); {args.out}/predictions.json "
+                         "lists none")
     print(f"wrote {len(written)} pictures and predictions.json to {args.out}")
     return 0
 
@@ -372,6 +657,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         print("error: --batch-sizes and --size must be positive", file=sys.stderr)
         return 2
     cfg = _load_config(args)
+    if args.weights:  # AP is measured on the val split: a path that is set must exist
+        from .modeling.weights import WeightsError
+
+        if not Path(args.weights).is_file():
+            raise WeightsError(f"--weights: no such file {args.weights}")
+        check_dataset(cfg, {"val": False})
+    _check_device(args.device or cfg.runtime.device, "--device" if args.device else "runtime.device")
     options = BenchmarkOptions(config_path=args.config, overrides=list(args.overrides), weights=args.weights,
                                device=args.device, iters=args.iters, warmup=args.warmup,
                                train_batch=args.train_batch, batch_sizes=args.batch_sizes,
@@ -484,16 +776,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `error: <what> (see `detkit train --help`)`, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+_OVERRIDES_HELP = "config overrides key=value, anywhere among the flags, e.g. solver.base_lr=0.02"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="detkit", description="Train, evaluate and benchmark object detectors.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser = _Parser(prog="detkit", description="Train, evaluate and benchmark object detectors.",
+                     epilog="Config overrides (key=value) go anywhere among a command's arguments; errors print one "
+                            "line (--debug, before or after the command, shows the traceback).")
     parser.add_argument("--version", action="version", version=f"detkit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = sub.choices  # name -> its parser, for main's two-step parse
 
-    p = sub.add_parser("train", help="train a detector from a config")
-    p.add_argument("config", help="a YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. solver.base_lr=0.02")
+    def add(name: str, usage: str | None = None, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], usage=usage, **kwargs)
+
+    p = add("train", "detkit train CONFIG [key=value ...] [--resume [CHECKPOINT]] [options]",
+            help="train a detector from a config")
+    p.add_argument("positionals", nargs="*", metavar="CONFIG [key=value ...]",
+                   help=f"a YAML config (see configs/), then {_OVERRIDES_HELP}")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue from the run folder's last checkpoint (or from CHECKPOINT)")
     p.add_argument("--gpus", type=int, default=1, metavar="N",
@@ -505,7 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("synth", help="generate the synthetic COCO-format dataset")
+    p = add("synth", help="generate the synthetic COCO-format dataset")
     p.add_argument("out", help="dataset folder to write")
     p.add_argument("--train", type=int, default=2000, help="training images (default 2000)")
     p.add_argument("--val", type=int, default=200, help="validation images (default 200)")
@@ -516,8 +828,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-objects", type=int, default=8, help="most objects per image")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("check-data", help="validate a COCO-format dataset and report every problem")
-    p.add_argument("target", help="an instances JSON (with --images) or a detkit config (checks its splits)")
+    p = add("check-data", "detkit check-data CONFIG [key=value ...] [options]\n"
+                          "       detkit check-data ANNOTATIONS.json --images DIR [options]",
+            help="validate a COCO-format dataset and report every problem")
+    p.add_argument("positionals", nargs="*", metavar="TARGET [key=value ...]",
+                   help="an instances JSON (with --images) or a detkit config (checks its splits; "
+                        f"{_OVERRIDES_HELP})")
     p.add_argument("--images", help="image folder of the instances JSON")
     p.add_argument("--masks", action="store_true", help="validate segmentations too")
     p.add_argument("--decode", action="store_true", help="decode every image (finds corrupt files; slower)")
@@ -529,29 +845,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit with status 1 when any problem is found")
     p.set_defaults(func=cmd_check_data)
 
-    p = sub.add_parser("eval", help="evaluate COCO detection results (12-line AP/AR block, per-category AP)")
-    p.add_argument("config", nargs="?", help="a detkit config (its data.val.annotations is the ground truth)")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    p = add("eval", "detkit eval [CONFIG] --weights W [key=value ...] [options]\n"
+                    "       detkit eval --gt ANNOTATIONS.json --results DETECTIONS.json [options]",
+            help="evaluate COCO detection results (12-line AP/AR block, per-category AP)")
+    p.add_argument("positionals", nargs="*", metavar="[CONFIG] [key=value ...]",
+                   help="a detkit config (its data.val split is the ground truth; with --weights, default: the "
+                        f"config stored in the checkpoint), and {_OVERRIDES_HELP}")
     p.add_argument("--gt", help="ground-truth instances JSON")
     p.add_argument("--results", help="COCO results JSON (a list of detections)")
-    p.add_argument("--iou-types", nargs="+", default=["bbox"], choices=["bbox", "segm"])
+    p.add_argument("--iou-types", nargs="+", default=["bbox"], action=_ListOption, item_choices=("bbox", "segm"),
+                   metavar="{bbox,segm}")
     p.add_argument("--weights", help="evaluate this model (checkpoint or weights file) on the config's val split")
     p.add_argument("--out", help="folder for metrics.json, results.json and the plots")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="detect objects in images and draw them")
-    p.add_argument("config", help="the detector's config")
-    p.add_argument("images", nargs="+", help="image files or folders")
+    p = add("predict", "detkit predict [CONFIG] IMAGES_OR_FOLDERS... --weights W --out DIR [key=value ...] "
+                       "[options]", help="detect objects in images and draw them")
+    p.add_argument("positionals", nargs="*", metavar="[CONFIG] IMAGES... [key=value ...]",
+                   help="the detector's config (a .yaml/.yml file; default: the config stored in the checkpoint), "
+                        f"image files or folders, and {_OVERRIDES_HELP}")
     p.add_argument("--weights", required=True, help="checkpoint or weights file")
     p.add_argument("--out", required=True, help="folder for the pictures and predictions.json")
     p.add_argument("--score-threshold", type=float, default=0.3, help="draw detections scoring at least this")
-    p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--set", dest="set_overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help=argparse.SUPPRESS)  # deprecated: overrides are positional, as in every command
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("flops", help="parameters and multiply-adds (MACs) of one inference forward, by part")
-    p.add_argument("config", help="the detector's config")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    p = add("flops", "detkit flops CONFIG [key=value ...] [options]",
+            help="parameters and multiply-adds (MACs) of one inference forward, by part")
+    p.add_argument("positionals", nargs="*", metavar="CONFIG [key=value ...]",
+                   help=f"the detector's config, then {_OVERRIDES_HELP}")
     p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
                    help="input height and width (default: the config's test size; resize_short: largest short "
                         "side x max_size), padded to data.test_transform.size_divisibility")
@@ -560,16 +884,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the counts as JSON here")
     p.set_defaults(func=cmd_flops)
 
-    p = sub.add_parser("benchmark", help="measure training and inference speed, memory, size and AP of a config")
-    p.add_argument("config", help="the detector's config")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    p = add("benchmark", "detkit benchmark CONFIG [key=value ...] [options]",
+            help="measure training and inference speed, memory, size and AP of a config")
+    p.add_argument("positionals", nargs="*", metavar="CONFIG [key=value ...]",
+                   help=f"the detector's config, then {_OVERRIDES_HELP}")
     p.add_argument("--weights", help="trained weights: inference runs on them, and AP is measured on the val split")
     p.add_argument("--iters", type=int, help="timed iterations of each phase (default: training 20, inference 50 "
                                              "on CUDA; 2 and 3 on CPU)")
     p.add_argument("--warmup", type=int, help="untimed iterations first (default: 5 and 10 on CUDA; 1 on CPU)")
     p.add_argument("--train-batch", type=int, metavar="N", help="training images per step (default: "
                    "data.batch_size, on CPU reduced to what fits in memory)")
-    p.add_argument("--batch-sizes", nargs="+", type=int, metavar="N",
+    p.add_argument("--batch-sizes", nargs="+", action=_ListOption, item_type=int, metavar="N",
                    help="inference batch sizes to sweep (default: 1 2 4 ... 64 on CUDA, 1 2 on CPU)")
     p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
                    help="replace the config's train and test image sizes (small runs)")
@@ -580,7 +905,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: runtime.device)")
     p.set_defaults(func=cmd_benchmark)
 
-    p = sub.add_parser("zoo-table", help="render docs/MODEL_ZOO.md from `detkit benchmark` JSON records")
+    p = add("zoo-table", help="render docs/MODEL_ZOO.md from `detkit benchmark` JSON records")
     p.add_argument("records_dir", metavar="RECORDS_DIR", help="folder of schema-1 records (benchmarks/records)")
     p.add_argument("--configs", default="configs", help="the shipped configs, each listed (default configs)")
     p.add_argument("--out", default="docs/MODEL_ZOO.md", help="the page to write (default docs/MODEL_ZOO.md)")
@@ -588,8 +913,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write nothing; exit 1 and show the difference when the page is out of date")
     p.set_defaults(func=cmd_zoo_table)
 
-    p = sub.add_parser("demo", help="the README's demo: train RetinaNet on the synthetic dataset, evaluate, draw")
-    p.add_argument("overrides", nargs="*", help="overrides of the demo config, key=value")
+    p = add("demo", "detkit demo [key=value ...] [options]",
+            help="the README's demo: train RetinaNet on the synthetic dataset, evaluate, draw")
+    p.add_argument("positionals", nargs="*", metavar="key=value", help="overrides of the demo config, key=value")
     p.add_argument("--data", default=str(DEMO_DATA), help="where the synthetic dataset lives")
     p.add_argument("--out", default=str(DEMO_OUT), help="run folder (default runs/demo)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo run")
@@ -599,29 +925,91 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    _setup_logging()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse a `detkit` command line: global options, the command, then its arguments in any order (flags,
+    the config, key=value overrides, images), sorted by `resolve_positionals`.
+
+    Raises:
+        SystemExit: --help, --version, or a command line argparse refuses (one line on stderr, status 2).
+        UsageError: positionals that fit nowhere (see `resolve_positionals`).
+    """
+    argv = list(argv)
+    parser = build_parser()
+    index = next((i for i, token in enumerate(argv) if not token.startswith("-")), None)
+    if index is None or argv[index] not in parser.commands or any(t != "--debug" for t in argv[:index]):
+        parser.parse_args(argv)  # --help, --version, no or an unknown command or option: argparse answers
+        raise UsageError(f"cannot parse the command line {argv!r}")  # not reached
+    args = parser.commands[argv[index]].parse_intermixed_args(argv[index + 1:])
+    args.command = argv[index]
+    args.debug = args.debug or "--debug" in argv[:index]
     args.argv = argv
-    from .config import ConfigError
+    return resolve_positionals(args)
 
-    from .data.coco import DatasetError
-    from .engine.checkpoint import CheckpointError
-    from .engine.divergence import DivergenceError
-    from .modeling.weights import WeightsError
 
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0].strip() if lines else ""
+
+
+def _user_message(exc: BaseException) -> str:
+    """A user error's message as written (some list one line per problem), but never a worker's traceback (a
+    DataLoader worker's exception arrives with it in its message)."""
+    text = str(exc)
+    return _first_line(exc) if "Traceback (most recent call last)" in text else text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `detkit` command; returns its exit status.
+
+    Errors a user can cause (a config, a path, weights, the command line) print `error: ...` (configs: `config
+    error: ...`) on stderr and return 2 (3 for a diverged run); any other exception prints one line naming its
+    type and returns 1; Ctrl-C prints `interrupted` and returns 130. With `--debug` every error is raised, with
+    its traceback.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
     try:
-        return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, DatasetError, WeightsError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except DivergenceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+        _setup_logging()
+        from .config import ConfigError
+        from .data.coco import DatasetError
+        from .engine.checkpoint import CheckpointError
+        from .engine.divergence import DivergenceError
+        from .modeling.weights import WeightsError
+
+        try:
+            try:
+                args = parse_args(argv)
+            except SystemExit as exc:  # --help, --version, or argparse's one-line error: its status
+                return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+            debug = args.debug
+            return int(args.func(args) or 0)
+        except ConfigError as exc:
+            if debug:
+                raise
+            print(f"config error: {_user_message(exc)}", file=sys.stderr)
+            return EXIT_USAGE
+        except (UsageError, OSError, DatasetError, WeightsError, CheckpointError) as exc:
+            if debug or isinstance(exc, BrokenPipeError):
+                raise
+            print(f"error: {_user_message(exc)}", file=sys.stderr)
+            return EXIT_USAGE
+        except DivergenceError as exc:
+            if debug:
+                raise
+            print(f"error: {_user_message(exc)}", file=sys.stderr)
+            return 3
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if debug:
+            raise
+        message = _first_line(exc)
+        print(f"error: {type(exc).__name__}{': ' + message if message else ''} (run with --debug for the "
+              "traceback)", file=sys.stderr)
+        return EXIT_UNEXPECTED

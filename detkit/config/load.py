@@ -3,6 +3,10 @@
 Merge rule for bases (the one sentence users need): a config may name `base: other.yaml` (a path relative to
 itself); the base is loaded first, then mappings merge key by key and every other value (scalars, lists)
 replaces the base's value.
+
+Path rule: `base:` is the only path read relative to the config file that names it. Every other path a config
+holds (dataset annotations and images, weights, the run folder), wherever it is written (a base included), is
+kept as written and read relative to the current working directory of the command (`PATH_RULE`).
 """
 from __future__ import annotations
 
@@ -18,6 +22,9 @@ import yaml
 T = TypeVar("T")
 
 BASE_KEY = "base"
+# what error messages about a path from a config say about where relative paths lead
+PATH_RULE = ("relative paths in a config are read from the current directory, not from the config's folder; "
+             "only `base:` is relative to the config file")
 
 
 class ConfigError(ValueError):
@@ -168,8 +175,10 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     with open(path, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f)
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (a config is YAML)") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -180,6 +189,15 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
             raise ConfigError(f"{path}: '{BASE_KEY}' must be a path string, got {base!r}")
         data = merge(read_yaml(path.parent / base, (*_seen, path)), data)
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError, where: bool = True) -> str:
+    """One line for a YAML error (PyYAML's own message spans several lines with a drawn caret)."""
+    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    if where and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return problem
 
 
 def parse_overrides(overrides: typing.Sequence[str]) -> dict:
@@ -193,7 +211,8 @@ def parse_overrides(overrides: typing.Sequence[str]) -> dict:
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+            raise ConfigError(f"override {item!r}: the value is not valid YAML "
+                              f"({_yaml_problem(exc, False)})") from None
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -209,6 +228,23 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
     data = read_yaml(path) if path is not None else {}
     data = merge(data, parse_overrides(overrides))
     return from_dict(cls, data)
+
+
+def config_from_data(cls: type[T], data: dict, overrides: typing.Sequence[str] = (), *,
+                     source: str = "the config") -> T:
+    """Validate plain values that were stored rather than read from YAML (a checkpoint's resolved config), with
+    `key=value` overrides applied on top; nothing in `data` is executed.
+
+    Raises:
+        ConfigError: an invalid override, or `data` does not validate (the message starts with `source`).
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} is not a mapping (got {type(data).__name__})")
+    data = merge(data, parse_overrides(overrides))
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def dump_yaml(cfg: Any, path: str | Path | None = None) -> str:

@@ -131,24 +131,103 @@ def evaluate_model(model: nn.Module, dataset: DetectionDataset, loader, device: 
             "images_per_second": num_images / max(seconds, 1e-9)}
 
 
-def load_detector(cfg, weights: str, device: torch.device, *, prepare: bool = True) -> tuple[nn.Module, list[dict]]:
+def checkpoint_config(stored) -> dict | None:
+    """The resolved config (plain values) that a detkit checkpoint records, or None for any other weights file.
+
+    Args:
+        stored: a weights file as `read_weights_file` returns it (read with the weights-only unpickler: nothing
+            in it was executed).
+    """
+    config = stored.get("config") if isinstance(stored, dict) else None
+    return config if isinstance(config, dict) else None
+
+
+# the config section that shapes each top-level part of a detector, for "the weights do not fit" hints
+_PART_SECTIONS = {"backbone": "model.backbone", "neck": "model.fpn", "head": "model.retinanet", "rpn": "model.rpn",
+                  "stages": "model.roi_heads", "mask_head": "model.mask_head"}
+# tensors whose first dimension counts classes
+_CLASS_TENSORS = ("head.cls_logits.", ".predictor.cls_score.", ".predictor.bbox_pred.", "mask_head.predictor.")
+
+
+def _misfit_hint(key: str, rows_differ: bool = False) -> str:
+    """The config key most likely behind a tensor that does not fit, as ' (model.num_classes?)'."""
+    part = key.split(".", 1)[0]
+    if rows_differ and any(name in f".{key}" for name in _CLASS_TENSORS):
+        return " (num_classes?)"
+    section = _PART_SECTIONS.get(part)
+    return f" ({section}?)" if section else ""
+
+
+def weights_misfit(report, model: nn.Module) -> str | None:
+    """One line naming the first tensor that keeps `report`'s weights out of `model`, or None when they fit.
+
+    Args:
+        report: the `LoadReport` of loading the weights into `model` with mismatched shapes skipped.
+    """
+    parts = {name for name, _ in model.named_children()}
+    missing = [k for k in report.missing if k.split(".")[-1] not in ("loss_normalizer", "num_batches_tracked")]
+
+    def more(n: int) -> str:
+        return f"; {n} more tensors differ" if n > 1 else "; 1 more tensor differs" if n == 1 else ""
+
+    others = len(report.mismatched) + len(report.unexpected) + len(missing) - 1
+    weight_parts = {k.split(".", 1)[0] for k in [*report.loaded, *(k for k, _, _ in report.mismatched),
+                                                 *report.unexpected]}
+    # parts are submodules; a detector's own buffers (RetinaNet's loss_normalizer) are not parts
+    only_weights = sorted({k.split(".", 1)[0] for k in report.unexpected if "." in k} - parts)
+    only_model = sorted({k.split(".", 1)[0] for k in missing if "." in k} - weight_parts)
+    if only_weights or only_model:  # another kind of detector: name the parts, not a tensor
+        sides = [f"the weights have {', '.join(only_weights)}, which the model built from the config lacks"
+                 if only_weights else "",
+                 f"the model built from the config has {', '.join(only_model)}, which the weights lack"
+                 if only_model else ""]
+        return "; ".join(side for side in sides if side) + " (model.arch?)"
+    if report.mismatched:
+        key, stored, built = report.mismatched[0]
+        hint = _misfit_hint(key, rows_differ=stored[:1] != built[:1])
+        return (f"{key} is {tuple(stored)} in the weights and {tuple(built)} in the model built from the config"
+                f"{hint}{more(others)}")
+    if report.unexpected:
+        key = report.unexpected[0]
+        return f"the weights hold {key}, which the model built from the config lacks{_misfit_hint(key)}" \
+               f"{more(others)}"
+    if missing:
+        key = missing[0]
+        return f"the model built from the config needs {key}, which the weights lack{_misfit_hint(key)}" \
+               f"{more(others)}"
+    return None
+
+
+def load_detector(cfg, weights: str, device: torch.device, *, prepare: bool = True,
+                  stored=None) -> tuple[nn.Module, list[dict]]:
     """Build cfg's model for inference and load `weights` (detkit checkpoint, torchvision RetinaNet or Faster/Mask
     R-CNN, .safetensors).
 
     The classes come from the checkpoint when it records them (detkit checkpoints do), else from the config's
     validation annotations; with label_space coco91, output k is COCO category id k.
 
+    Args:
+        stored: `weights` as `read_weights_file` returned it, when the caller has read it already (e.g. for
+            `checkpoint_config`).
+
     Returns:
         (model in eval mode on `device`, prepared by `prepare_for_inference` unless `prepare` is False,
          categories as [{"id", "name"}] in output order).
+
+    Raises:
+        WeightsError: the file is unreadable or unsafe, or its tensors do not fit the model the config builds
+            (one line naming the first tensor that differs).
+        ConfigError: the number of classes cannot be told, or differs from the checkpoint's categories.
     """
     from ..data.coco import load_json
     from ..modeling.build import build_model
     from ..modeling.weights import WeightsError, convert, load_weights, read_weights_file, state_dict_of
 
-    stored = read_weights_file(weights)  # read once: detkit checkpoints also record their classes
+    if stored is None:
+        stored = read_weights_file(weights)  # read once: detkit checkpoints also record their classes
     state = convert(state_dict_of(stored, weights))
     categories = stored.get("categories") if isinstance(stored, dict) else None
+    recorded = categories is not None
     if categories is None and cfg.data.val.annotations and Path(cfg.data.val.annotations).is_file():
         listed = sorted(load_json(cfg.data.val.annotations).get("categories", []), key=lambda c: c["id"])
         categories = [{"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in listed]
@@ -158,14 +237,19 @@ def load_detector(cfg, weights: str, device: torch.device, *, prepare: bool = Tr
     num_classes = cfg.model.num_classes or len(categories or [])
     if not num_classes:
         raise ConfigError("cannot tell the number of classes: set model.num_classes or data.val.annotations")
+    if recorded and len(categories) != num_classes:
+        raise WeightsError(f"the weights {weights} do not fit the config: they were trained on {len(categories)} "
+                           f"categories and the config sets model.num_classes: {num_classes}")
     if categories is None or len(categories) != num_classes:
         raise ConfigError(f"the model has {num_classes} classes but its categories are unknown or differ "
-                         f"({len(categories or [])}); set data.val.annotations to the dataset it was trained on")
-    model = build_model(cfg.model, num_classes)
-    report = load_weights(model, state, skip_mismatched=False)
-    if report.unexpected or any(not k.endswith("loss_normalizer") for k in report.missing):
-        raise WeightsError(f"{weights} does not fit this config (was it trained with another one?):\n"
-                           f"{report.summary()}")
+                          f"({len(categories or [])}); set data.val.annotations to the dataset it was trained on")
+    try:
+        model = build_model(cfg.model, num_classes)
+    except (TypeError, ValueError) as exc:  # values that fit the schema but not one another
+        raise ConfigError(f"cannot build the model the config describes: {exc}") from None
+    misfit = weights_misfit(load_weights(model, state, skip_mismatched=True), model)
+    if misfit:
+        raise WeightsError(f"the weights {weights} do not fit the config: {misfit}")
     if not prepare:  # the caller runs prepare_for_inference itself (to keep its report)
         return model, categories
     model, _ = prepare_for_inference(model, cfg.runtime, device)

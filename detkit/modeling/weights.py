@@ -41,7 +41,8 @@ def read_weights_file(path: str | Path) -> Any:
     """
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist")
+        raise WeightsError(f"weights file {path} does not exist" if not path.exists() else
+                           f"weights file {path} is not a file")
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path), device="cpu")
@@ -51,9 +52,12 @@ def read_weights_file(path: str | Path) -> Any:
         raise WeightsError(f"{path} contains Python objects{what} that detkit will not execute (loading them could "
                            "run arbitrary code); convert the weights to .safetensors with a trusted tool") from None
     except pickle.UnpicklingError as e:
-        raise WeightsError(f"{path} is not a readable weights file: {_first_line(e)}") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+        raise WeightsError(f"{path} is not a weights file (a PyTorch .pth/.pt or a .safetensors file)"
+                           + (f": {detail.group(1).strip()}" if detail else "")) from None
     except Exception as e:  # zip, EOF and safetensors header errors all mean a damaged file
-        raise WeightsError(f"{path} is corrupt or truncated ({type(e).__name__}: {_first_line(e)})") from None
+        detail = f"{type(e).__name__}: {_first_line(e)}" if _first_line(e) else type(e).__name__
+        raise WeightsError(f"{path} is corrupt or truncated ({detail})") from None
 
 
 def state_dict_of(obj: Any, source: str | Path = "<weights>") -> dict[str, Tensor]:
@@ -340,8 +344,10 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], *, skip_mis
         else:
             usable[key] = value
     if report.mismatched and not skip_mismatched:
-        raise WeightsError("shapes differ from the model's: " + ", ".join(
-            f"{k} {a} vs {b}" for k, a, b in report.mismatched[:5]))
+        key, stored, own_shape = report.mismatched[0]
+        more = len(report.mismatched) - 1
+        raise WeightsError(f"the weights do not fit the model: {key} is {stored} in the weights and {own_shape} in "
+                           f"the model" + (f"; {more} more tensors differ" if more > 1 else "; 1 more tensor differs" if more else ""))
     result = model.load_state_dict(usable, strict=False)
     skipped = {k for k, _, _ in report.mismatched}
     report.loaded = [k for k in usable if k in own]
