@@ -9,10 +9,14 @@ BIN := $(VENV)/bin
 .PHONY: install demo test bench clean
 
 $(BIN)/.detkit-installed: pyproject.toml Makefile
+	@echo "creating the virtual environment $(VENV) with $(PYTHON) ..."
 	$(PYTHON) -m venv $(VENV)
+	@echo "installing torch $(TORCH_VERSION) into $(VENV) (pinned; a large download the first time) ..."
 	$(BIN)/pip install -q --disable-pip-version-check torch==$(TORCH_VERSION)
+	@echo "installing detkit (editable) with its test tools, '.[dev]', into $(VENV) ..."
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $@
+	@echo "done: $(VENV) is ready (detkit: $(BIN)/detkit)"
 
 install: $(BIN)/.detkit-installed
 

@@ -32,7 +32,7 @@ from typing import Callable
 from common import ROOT, machine  # noqa: E402 (benchmarks/ is the script dir)
 
 sys.path.insert(0, str(ROOT / "tests" / "engine"))
-from crash_driver import (ENV, checkpoint_name, final_differences, finish, kill_group,  # noqa: E402
+from crash_driver import (ENV, checkpoint_name, final_differences, finish, kill_group, last_state,  # noqa: E402
                           metrics_iterations, run, start, train_command, wait_for_iteration)
 
 TIMEOUT = 1200.0  # one training subprocess (~6 s unloaded); only a hang comes near it
@@ -168,10 +168,7 @@ class Bench:
         rc, output = run(train_command(self.config, self.work / "reference"), self.work / "reference.log", TIMEOUT)
         if rc != 0:
             raise SystemExit(f"the reference run failed ({rc}):\n{output}")
-        import torch
-
-        self.reference = torch.load(self.work / "reference" / "model_final.pth", map_location="cpu",
-                                    weights_only=True)
+        self.reference = last_state(self.work / "reference")  # model_final.pth holds the weights alone
         self.reference_seconds = time.perf_counter() - started
         print(f"reference run: {self.reference_seconds:.1f} s", flush=True)
 

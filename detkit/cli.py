@@ -233,7 +233,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         return 2
     start = time.perf_counter()
     paths = generate(args.out, splits, seed=args.seed, workers=args.workers, min_size=args.min_size,
-                     max_size=args.max_size, max_objects=args.max_objects)
+                     max_size=args.max_size, max_objects=args.max_objects, progress=True)
     elapsed = time.perf_counter() - start
     total = sum(splits.values())
     print(f"wrote {total:,} images in {elapsed:.1f} s ({total / elapsed:.0f} images/s) to {args.out}")
@@ -564,6 +564,7 @@ def run_predict(cfg, weights: str, inputs: Sequence[str], out_dir: str | Path, s
     from .engine.inference import autocast, load_detector, to_original
     from .engine.trainer import resolve_device
     from .utils.fileio import write_json_atomic
+    from .utils.progress import track, write_above_bars
     from .utils.visualize import draw_detections, save_image_atomic
 
     paths = _image_paths(inputs)  # before the model is built: a wrong path fails at once
@@ -574,11 +575,11 @@ def run_predict(cfg, weights: str, inputs: Sequence[str], out_dir: str | Path, s
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, records, used_names = [], [], set()
-    for i, path in enumerate(paths):
+    for i, path in enumerate(track(paths, "predict", unit="img")):
         try:
             image = read_image(path, cfg.data.max_image_pixels)
         except ImageDecodeError as exc:
-            print(f"skipping {path}: {exc}", file=sys.stderr)
+            write_above_bars(f"skipping {path}: {exc}")
             continue
         empty = np.zeros((0, 4), np.float32)
         sample = transform(Sample(image=image, boxes=empty, labels=np.zeros(0, np.int64), ignore_boxes=empty))
@@ -817,15 +818,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.set_defaults(func=cmd_train)
 
-    p = add("synth", help="generate the synthetic COCO-format dataset")
+    # the defaults make exactly the dataset `detkit demo` generates and reads
+    p = add("synth", help="generate the synthetic COCO-format dataset (by default, the demo's)",
+            description="Generate the synthetic COCO-format dataset. With no options it makes exactly the demo's "
+                        f"(`detkit demo` generates it in {DEMO_DATA}). Generating into an existing folder replaces "
+                        "the splits generated: their images from an earlier run are removed.")
     p.add_argument("out", help="dataset folder to write")
-    p.add_argument("--train", type=int, default=2000, help="training images (default 2000)")
-    p.add_argument("--val", type=int, default=200, help="validation images (default 200)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train", type=int, default=DEMO_SPLITS["train"],
+                   help="training images (default %(default)s, the demo's; 0: no train split)")
+    p.add_argument("--val", type=int, default=DEMO_SPLITS["val"],
+                   help="validation images (default %(default)s, the demo's; 0: no val split)")
+    p.add_argument("--seed", type=int, default=0, help="the output is a pure function of it (default %(default)s)")
     p.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
-    p.add_argument("--min-size", type=int, default=256, help="smallest image short side")
-    p.add_argument("--max-size", type=int, default=512, help="largest image short side")
-    p.add_argument("--max-objects", type=int, default=8, help="most objects per image")
+    p.add_argument("--min-size", type=int, default=DEMO_IMAGE_SIZES[0],
+                   help="smallest image short side in pixels (default %(default)s, the demo's)")
+    p.add_argument("--max-size", type=int, default=DEMO_IMAGE_SIZES[1],
+                   help="largest image short side in pixels (default %(default)s, the demo's)")
+    p.add_argument("--max-objects", type=int, default=8, help="most objects per image (default %(default)s)")
     p.set_defaults(func=cmd_synth)
 
     p = add("check-data", "detkit check-data CONFIG [key=value ...] [options]\n"

@@ -10,6 +10,7 @@ Output is a pure function of the seed.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -30,6 +31,7 @@ CATEGORIES = [
 ]
 CROWD_CATEGORY_INDEX = 0  # crowds are clusters of small circles
 EXIF_ORIENTATION = 0x0112
+SYNTH_FILE_NAME = re.compile(r"\d{6}\.(?:jpg|png)")  # what render_image names its images: 000042.jpg
 
 
 @dataclass
@@ -239,20 +241,49 @@ def _write_one(args: tuple[int, SynthSpec, str]) -> tuple[dict, list[dict]]:
     return record, anns
 
 
+def remove_stale_images(image_dir: str | Path, keep: set[str]) -> list[Path]:
+    """Delete the images an earlier generation left in `image_dir` that this one did not write.
+
+    Only files named as `render_image` names them (`000042.jpg`, `000042.png`) are candidates; anything else in the
+    folder (and any subfolder) is left alone.
+
+    Args:
+        image_dir: one split's image folder.
+        keep: the file names just written.
+
+    Returns:
+        The removed paths.
+    """
+    removed = []
+    for path in sorted(Path(image_dir).iterdir()):
+        if path.name not in keep and SYNTH_FILE_NAME.fullmatch(path.name) and path.is_file():
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
 def generate(out_dir: str | Path, splits: dict[str, int] | None = None, *, seed: int = 0, workers: int = 0,
-             **spec_kwargs) -> dict[str, Path]:
+             progress: bool = False, **spec_kwargs) -> dict[str, Path]:
     """Write a synthetic dataset: `out_dir/<split>/` images and `out_dir/annotations/instances_<split>.json`.
+
+    Generating into an existing dataset replaces the splits generated: their images from an earlier run that this
+    run did not write (say, image 000150 when a split shrinks to 100, or 000007.jpg that is a PNG this time) are
+    deleted (`remove_stale_images`), so that a split folder holds exactly the images of its annotations. Other
+    splits and files are not touched.
 
     Args:
         out_dir: dataset root.
         splits: images per split, e.g. {"train": 2000, "val": 200}; different splits use different seeds.
         seed: the whole output is a pure function of it.
         workers: processes to render with (0: one per core).
+        progress: a bar per split on a terminal (see `progress_bar`).
         spec_kwargs: other `SynthSpec` fields (image and object sizes, fractions).
 
     Returns:
         {split: path of its instances JSON}.
     """
+    from ..utils.progress import progress_bar
+
     splits = splits or {"train": 2000, "val": 200}
     out_dir = Path(out_dir)
     (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
@@ -263,11 +294,19 @@ def generate(out_dir: str | Path, splits: dict[str, int] | None = None, *, seed:
         image_dir = out_dir / split
         image_dir.mkdir(parents=True, exist_ok=True)
         jobs = [(i, spec, str(image_dir)) for i in range(num)]
-        if workers > 1 and num > 16:
-            with get_context("spawn" if os.name == "nt" else "fork").Pool(workers) as pool:
-                results = pool.map(_write_one, jobs, chunksize=16)
-        else:
-            results = [_write_one(job) for job in jobs]
+        with progress_bar(num, f"synth {split}", enabled=progress, unit="img") as bar:
+            if workers > 1 and num > 16:
+                with get_context("spawn" if os.name == "nt" else "fork").Pool(workers) as pool:
+                    results = []
+                    for result in pool.imap(_write_one, jobs, chunksize=16):  # in order, as map
+                        results.append(result)
+                        bar.update()
+            else:
+                results = []
+                for job in jobs:
+                    results.append(_write_one(job))
+                    bar.update()
+        remove_stale_images(image_dir, {record["file_name"] for record, _ in results})
         images, annotations = [], []
         for image_id, (record, anns) in enumerate(results, start=1):
             images.append({"id": image_id, **record})

@@ -33,6 +33,7 @@ from ..data.loader import Batch, ImageMeta, collate
 from ..data.synth import CATEGORIES, SynthSpec, render_image
 from ..data.transforms import Sample, TransformPipeline, resize
 from ..modeling.fold import FoldReport
+from ..utils.progress import progress_bar
 from .compile import compile_model
 from .flops import input_size, measure, resolve_num_classes
 from .inference import autocast, load_detector, prepare_for_inference
@@ -591,12 +592,13 @@ def benchmark_accuracy(cfg: Config, model: torch.nn.Module, categories: list[dic
     # evaluate_model detects and maps back to the original images; the scoring below restricts it to the subset
     with build_test_loader(view, cfg.data, pin_memory=device.type == "cuda") as loader:
         detected = evaluate_model(model, dataset, loader, device, amp=cfg.runtime.amp, iou_types=(),
-                                  progress=False, category_ids=np.array([c["id"] for c in categories]))
+                                  category_ids=np.array([c["id"] for c in categories]))
     image_ids = [int(i) for i in dataset.coco.image_ids[:len(view)]] if subset else None
     out = {"annotations": cfg.data.val.annotations, "weights": str(weights), "weights_sha256": file_sha256(weights),
            "images": len(view), "subset": subset}
     for iou_type in cfg.eval.iou_types:
         result = evaluate(dataset.coco.annotation_file, detected["results"], iou_type, image_ids=image_ids)
+        # "AP" in percent, the model-zoo page's unit; "stats" are COCO's fractions, as detkit gives AP elsewhere
         out[iou_type] = {"AP": 100 * float(result.stats[0]), "stats": [float(s) for s in result.stats],
                          "summary": result.summary}
     return out
@@ -639,55 +641,73 @@ def run_benchmark(cfg: Config, options: BenchmarkOptions) -> dict:
                           # training always starts from a random init; --weights serve inference and AP
                           "init": "random", "inference_weights": bool(options.weights), "seed": cfg.runtime.seed,
                           "size": list(options.size) if options.size else None}
-    record["size"] = measure(cfg, num_classes=num_classes).to_dict()
-    logger.info("size: %.2f M parameters, %.1f G MACs at %s", record["size"]["params"] / 1e6,
-                record["size"]["macs"] / 1e9, "x".join(map(str, record["size"]["padded_size"])))
-
-    record["train"] = None
-    if options.train:
-        try:
-            record["train"] = benchmark_training(cfg, options, num_classes, device)
-        except ValueError as e:
-            if "more than 1 value per channel" not in str(e) or options.size is None:
-                raise
-            raise ConfigError(f"--size {options.size[0]} {options.size[1]} is too small for this model's coarsest "
-                              "level with batch norm in training: use a larger --size (256 for SpineNet)") from None
-        except torch.OutOfMemoryError:
-            # the record still gets the size and inference figures; the row says what happened
-            batch = options.train_batch or cfg.data.batch_size
-            logger.error("training at batch %d ran out of device memory; pass --train-batch N with a smaller N",
-                         batch)
-            record["train"] = {"error": "oom", "batch": batch, "config_batch": cfg.data.batch_size,
-                               "config_accumulate": cfg.solver.accumulate}
-        t = record["train"]
-        if "error" not in t:
-            logger.info("training at batch %d: %.3f s/iter, %.1f images/s", t["batch"], t["s_per_iter"],
-                        t["img_per_s"])
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    model = categories = fold_report = None
-    if options.weights:
-        model, categories = load_detector(cfg, options.weights, device, prepare=False)
-    elif options.inference:  # random weights, prepared for inference as a trained model is
-        from ..modeling.build import build_model
-
-        model = build_model(cfg.model, num_classes)
-    if model is not None:
-        model, fold_report = prepare_for_inference(model, cfg.runtime, device)
-    record["inference"] = None
-    if options.inference:
-        record["inference"] = benchmark_inference(cfg, options, model, num_classes, device, fold_report)
-
-    record["accuracy"] = None
     annotations = cfg.data.val.annotations
-    if options.weights and annotations and Path(annotations).is_file():
-        record["accuracy"] = benchmark_accuracy(full_size_cfg, model, categories, options.weights, device,
-                                                options.eval_images)
-    elif options.weights:
-        logger.warning("no AP: data.val.annotations (%s) is not readable", annotations or "unset")
-    elif annotations and Path(annotations).is_file():
-        logger.info("AP needs --weights")
+    measure_ap = bool(options.weights and annotations and Path(annotations).is_file())
+    phases = ["size", *["training"] * options.train, *["inference"] * options.inference, *["accuracy"] * measure_ap]
+    # one bar step per phase on a terminal; elsewhere a log line as each phase begins
+    with progress_bar(len(phases), "benchmark", unit="phase") as bar:
+        def phase(name: str) -> None:
+            done = phases.index(name)
+            bar.n = done
+            bar.set_description(f"benchmark: {name}")
+            if bar.disable:
+                logger.info("phase %d of %d: %s", done + 1, len(phases), name)
+
+        phase("size")
+        record["size"] = measure(cfg, num_classes=num_classes).to_dict()
+        logger.info("size: %.2f M parameters, %.1f G MACs at %s", record["size"]["params"] / 1e6,
+                    record["size"]["macs"] / 1e9, "x".join(map(str, record["size"]["padded_size"])))
+
+        record["train"] = None
+        if options.train:
+            phase("training")
+            try:
+                record["train"] = benchmark_training(cfg, options, num_classes, device)
+            except ValueError as e:
+                if "more than 1 value per channel" not in str(e) or options.size is None:
+                    raise
+                raise ConfigError(f"--size {options.size[0]} {options.size[1]} is too small for this model's "
+                                  "coarsest level with batch norm in training: use a larger --size (256 for "
+                                  "SpineNet)") from None
+            except torch.OutOfMemoryError:
+                # the record still gets the size and inference figures; the row says what happened
+                batch = options.train_batch or cfg.data.batch_size
+                logger.error("training at batch %d ran out of device memory; pass --train-batch N with a smaller N",
+                             batch)
+                record["train"] = {"error": "oom", "batch": batch, "config_batch": cfg.data.batch_size,
+                                   "config_accumulate": cfg.solver.accumulate}
+            t = record["train"]
+            if "error" not in t:
+                logger.info("training at batch %d: %.3f s/iter, %.1f images/s", t["batch"], t["s_per_iter"],
+                            t["img_per_s"])
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+        model = categories = fold_report = None
+        if options.weights:
+            model, categories = load_detector(cfg, options.weights, device, prepare=False)
+        elif options.inference:  # random weights, prepared for inference as a trained model is
+            from ..modeling.build import build_model
+
+            model = build_model(cfg.model, num_classes)
+        if model is not None:
+            model, fold_report = prepare_for_inference(model, cfg.runtime, device)
+        record["inference"] = None
+        if options.inference:
+            phase("inference")
+            record["inference"] = benchmark_inference(cfg, options, model, num_classes, device, fold_report)
+
+        record["accuracy"] = None
+        if measure_ap:
+            phase("accuracy")
+            record["accuracy"] = benchmark_accuracy(full_size_cfg, model, categories, options.weights, device,
+                                                    options.eval_images)
+        elif options.weights:
+            logger.warning("no AP: data.val.annotations (%s) is not readable", annotations or "unset")
+        elif annotations and Path(annotations).is_file():
+            logger.info("AP needs --weights")
+        bar.n = len(phases)
+        bar.refresh()
     record["markdown_row"] = markdown_row(record)
     return record

@@ -23,7 +23,10 @@ from detkit.utils.serialization import UnsafePickleError, torch_load_weights_onl
 logger = logging.getLogger(__name__)
 
 POINTER = "last_checkpoint"
+# weights files (model, config, classes; no optimiser, schedule or data position): never training checkpoints
 FINAL = "model_final.pth"
+BEST = "model_best.pth"  # also the metric value and the iteration that made it the best
+WEIGHTS_ONLY = (FINAL, BEST)
 DIGEST_SUFFIX = ".sha256"
 _NUMBERED = re.compile(r"model_(\d+)\.pth")
 _TEMPORARY = re.compile(r"\..+\.(\d+)\.tmp")
@@ -129,7 +132,7 @@ class _HashingWriter:
         self.f.flush()
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any], keep_last: int = 0) -> None:
+def save_checkpoint(path: str | Path, state: dict[str, Any], keep_last: int = 0, *, pointer: bool = True) -> None:
     """Write `state` to `path` atomically with its checksum, then point `last_checkpoint` in the same folder at it.
 
     Order of the writes, each atomic (temporary file, fsync, rename): the data to a temporary file, hashed as it
@@ -143,7 +146,9 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], keep_last: int = 0)
         path: the file to write, usually `<output_dir>/model_{iteration:07d}.pth`.
         state: tensors, numbers, strings and containers of them (anything `weights_only` loading accepts).
         keep_last: when > 0, delete numbered `model_*.pth` files (and checksums) beyond the K highest iterations.
-            `model_final.pth` and the file just written are never deleted.
+            `model_final.pth`, `model_best.pth` and the file just written are never deleted.
+        pointer: update `last_checkpoint`; False for a weights file (`model_final.pth`, `model_best.pth`), which is
+            not a state to resume training from.
 
     Raises:
         OSError: the write failed (e.g. the disk is full); the previous checkpoint, its checksum and the pointer
@@ -171,8 +176,9 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], keep_last: int = 0)
     write_atomic(path, write, before_rename=drop_old_digest)
     write_bytes_atomic(f"{stream.sha256.hexdigest()}  {path.name}\n".encode(), digest_path(path))
     _fsync_dir(path.parent)  # the checkpoint's rename must be on disk before the pointer names it
-    write_bytes_atomic(path.name.encode(), path.parent / POINTER)
-    _fsync_dir(path.parent)
+    if pointer:
+        write_bytes_atomic(path.name.encode(), path.parent / POINTER)
+        _fsync_dir(path.parent)
     if keep_last > 0:
         numbered = sorted((p for p in path.parent.glob("model_*.pth") if _iteration(p) is not None), key=_iteration)
         for old in numbered[:-keep_last]:
@@ -257,8 +263,10 @@ def _first_line(error: BaseException) -> str:
 def checkpoint_candidates(directory: str | Path) -> list[Path]:
     """The checkpoints of a run folder to resume from, best first.
 
-    The file named by `last_checkpoint` (a bare name inside the folder, nothing else is followed), then
-    `model_final.pth`, then the numbered `model_*.pth` from the highest iteration down. No duplicates.
+    The file named by `last_checkpoint` (a bare name inside the folder, nothing else is followed), then the
+    numbered `model_*.pth` from the highest iteration down. No duplicates. The weights files `model_final.pth` and
+    `model_best.pth` are never candidates, even when the pointer names them (as it did before detkit wrote the
+    training state of the last iteration to its own numbered checkpoint).
     """
     directory = Path(directory)
     found: list[Path] = []
@@ -266,12 +274,12 @@ def checkpoint_candidates(directory: str | Path) -> list[Path]:
     if pointer.is_file():
         name = pointer.read_text(encoding="utf-8", errors="replace").strip()
         # A bare file name only: a pointer must not lead outside the run folder.
-        if name and Path(name).name == name and name not in (".", "..") and (directory / name).is_file():
+        if name in WEIGHTS_ONLY:
+            logger.debug("%s names %s, a weights file; looking for the numbered checkpoints", POINTER, name)
+        elif name and Path(name).name == name and name not in (".", "..") and (directory / name).is_file():
             found.append(directory / name)
         else:
             logger.warning("%s names %r, which is not a file in %s; ignoring it", POINTER, name[:200], directory)
-    if (directory / FINAL).is_file():
-        found.append(directory / FINAL)
     numbered = [p for p in directory.glob("model_*.pth") if _iteration(p) is not None and p.is_file()]
     found += sorted(numbered, key=_iteration, reverse=True)
     return list(dict.fromkeys(found))

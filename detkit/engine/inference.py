@@ -64,25 +64,22 @@ def coco_results(per_image: list[dict], category_ids: np.ndarray) -> list[dict]:
 @torch.no_grad()
 def predict(model: nn.Module, loader, device: torch.device, amp: str = "none",
             progress: bool = False) -> Iterator[tuple[Batch, list]]:
-    """Yield (batch, detections) over a test loader with the model in eval mode (restored afterwards)."""
+    """Yield (batch, detections) over a test loader with the model in eval mode (restored afterwards); with
+    `progress`, a bar on a terminal (see `progress_bar`)."""
+    from ..utils.progress import progress_bar
+
     was_training = model.training
     model.eval()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(loader), desc="eval", unit="batch", dynamic_ncols=True, leave=False)
     try:
-        for batch in loader:
-            batch_dev = batch.to(device, non_blocking=True)
-            with autocast(device, amp):
-                detections = model(batch_dev.images, batch_dev.image_sizes, image_scales=batch_dev.image_scales)
-            if bar is not None:
+        with progress_bar(len(loader), "eval", enabled=progress, unit="batch", leave=False) as bar:
+            for batch in loader:
+                batch_dev = batch.to(device, non_blocking=True)
+                with autocast(device, amp):
+                    detections = model(batch_dev.images, batch_dev.image_sizes,
+                                       image_scales=batch_dev.image_scales)
                 bar.update()
-            yield batch, detections
+                yield batch, detections
     finally:
-        if bar is not None:
-            bar.close()
         model.train(was_training)
 
 

@@ -84,6 +84,9 @@ class MetricsWriter:
     def write(self, iteration: int, values: Mapping[str, float]) -> None:
         """Log `values` (floats or 0-dim tensors) at `iteration`.
 
+        Non-finite values are left out, of the JSON lines (strict JSON has no NaN) and of TensorBoard alike; COCO's
+        undefined metrics (-1) are expected to be left out by the caller (`EvalResult.metrics` does).
+
         Args:
             iteration: the optimizer step the values belong to.
             values: metric name -> value; `iteration` is not a valid name.
@@ -91,6 +94,7 @@ class MetricsWriter:
         if "iteration" in values:
             raise ValueError("'iteration' is reserved for the step number; rename the metric")
         values = {key: float(value) for key, value in values.items()}
+        values = {key: value for key, value in values.items() if math.isfinite(value)}
         self._file.write(json.dumps({"iteration": int(iteration), **values}) + "\n")
         self._file.flush()  # a crash loses at most the line being written
         tensorboard = self._tensorboard_writer()

@@ -1,6 +1,7 @@
 """The training loop: data, model, optimiser, schedule, AMP, checkpoints, evaluation and logging, top to bottom."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -20,8 +21,9 @@ from ..data.fingerprint import dataset_fingerprint
 from ..data.loader import build_dataset, build_test_loader, build_train_loader, stream_state
 from ..data.report import SkipLedger
 from ..modeling.build import build_model
-from .checkpoint import (DISK_FULL, CheckpointError, load_checkpoint, load_latest_good, non_finite_tensors,
-                         remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
+from ..utils.progress import progress_bar
+from .checkpoint import (BEST, DISK_FULL, FINAL, CheckpointError, load_checkpoint, load_latest_good,
+                         non_finite_tensors, remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
 from .distributed import all_gather_objects, broadcast_object, init_distributed, prepare_model
 from .divergence import DivergenceError, DivergenceGuard
 from .inference import evaluate_model
@@ -39,6 +41,7 @@ RESUME_SAFE_KEYS = ("name", "runtime.output_dir", "runtime.log_period", "runtime
                     "data.train.", "data.val.", "data.test_transform.", "data.test_batch_size",
                     "data.max_unreadable_fraction", "solver.divergence.", "eval.")
 MAX_FAILED_SAVES = 3  # consecutive periodic saves that may fail (e.g. a full disk) before the run stops
+TRACKED_METRIC = "bbox/AP"  # model_best.pth holds the weights that scored highest on it
 
 
 class _NullWriter:
@@ -154,7 +157,7 @@ class Trainer:
         cfg: the resolved config.
         resume: continue from the last good checkpoint in cfg.runtime.output_dir, falling back past damaged ones
             (True), or from this checkpoint file.
-        progress: show a live progress bar.
+        progress: show a live progress bar (on a terminal only; redirected output gets periodic log lines).
         allow_changes: resume even when the config, training set or batch layout differ from the checkpoint's
             (each difference is logged as a warning instead of raising `ResumeMismatchError`).
     """
@@ -340,16 +343,27 @@ class Trainer:
                 "bad_streak": self.guard.consecutive,
                 "unreadable_images": self.ledger.state()}
 
-    def save(self, name: str | None = None) -> Path:
-        """Write a checkpoint (default `model_{iteration}.pth`) and its checksum, keeping the last K.
+    def weights_state(self, **extra: Any) -> dict:
+        """The model alone, as `model_final.pth` and `model_best.pth` hold it: weights, config, classes and
+        `extra` (e.g. the metric that made it the best), no optimiser, schedule or data position."""
+        return {"model": self.model.state_dict(), "config": to_dict(self.cfg), "categories": self.categories,
+                "detkit_version": __version__, **extra}
+
+    def save(self, name: str | None = None, *, weights: dict | None = None) -> Path:
+        """Write a training checkpoint (default `model_{iteration}.pth`) and its checksum, keeping the last K and
+        pointing `last_checkpoint` at it; or, given `weights` (a `weights_state`), a weights file such as
+        `model_final.pth`, which `--resume` never picks and which the pointer does not name.
 
         Raises:
             NonFiniteStateError: a weight or optimiser value is NaN or inf; nothing is written.
             OSError: the write failed; the previous checkpoint is intact.
         """
         path = self.out / (name or f"model_{self.iteration:07d}.pth")
-        self._sync_skips()  # the checkpoint's ledger covers every step it covers
-        state = self.state_dict()
+        if weights is None:
+            self._sync_skips()  # the checkpoint's ledger covers every step it covers
+            state = self.state_dict()
+        else:
+            state = weights
         failure = None
         if self.dist.is_main:  # rank 0 writes; every rank then raises the same error, so all take the same path
             bad = non_finite_tensors(state)
@@ -357,7 +371,10 @@ class Trainer:
                 if bad:
                     raise NonFiniteStateError(f"refusing to save {path.name}: non-finite values in "
                                               f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
-                save_checkpoint(path, state, keep_last=self.cfg.runtime.keep_checkpoints)
+                if weights is None:
+                    save_checkpoint(path, state, keep_last=self.cfg.runtime.keep_checkpoints)
+                else:
+                    save_checkpoint(path, state, pointer=False)
             except (NonFiniteStateError, OSError) as e:
                 failure = e
         failure = broadcast_object(failure)
@@ -406,6 +423,11 @@ class Trainer:
             group["lr"] = base * factor(self.scheduler.last_epoch)
 
     def _resume(self, path: Path, state: dict) -> None:
+        if "optimizer" not in state:
+            raise CheckpointError(f"cannot resume from {path}: it holds a model's weights only (no optimiser, "
+                                  "schedule or data position); resume from the run folder's last training checkpoint "
+                                  "(`--resume` alone, or --resume <output_dir>/model_NNNNNNN.pth), or start a new run "
+                                  f"from these weights with model.weights={path}")
         self._check_resume_compatibility(state, path)
         self._load_state(state)
         self.best_metric = state.get("best_metric")
@@ -481,15 +503,45 @@ class Trainer:
         return [r for rank in every for r in rank] if self.dist.is_main else None
 
     def _log_evaluation(self, result: dict) -> dict[str, float]:
+        """Log an evaluation's metrics (fractions, as the COCO block prints them; those COCO leaves undefined, such
+        as AP small without small objects, are left out) and write `model_best.pth` when TRACKED_METRIC improves.
+
+        Returns:
+            The values logged, "<iou_type>/<metric>" -> value.
+        """
         values = {}
         for iou_type, r in result["evaluations"].items():
-            values.update({f"{iou_type}/{k}": v for k, v in r.metrics.items()})
+            values.update({f"{iou_type}/{k}": v for k, v in r.metrics.items()})  # defined metrics only
         values["eval/images_per_second"] = result["images_per_second"]
         self.writer.write(self.iteration, values)
-        ap = broadcast_object(values.get("bbox/AP"))  # only rank 0 scored: every rank keeps the same best metric
-        if ap is not None and (self.best_metric is None or ap > self.best_metric):
-            self.best_metric = ap
+        value = broadcast_object(values.get(TRACKED_METRIC))  # only rank 0 scored: every rank decides the same
+        if value is None:
+            return values
+        saved = False
+        if self.best_metric is None or value > self.best_metric:
+            self.best_metric = value
+            saved = self._save_best(value)
+        logger.info("iteration %d: %s %.4f (best %.4f%s)", self.iteration, TRACKED_METRIC, value, self.best_metric,
+                    f", saved {BEST}" if saved else "")
         return values
+
+    def _save_best(self, value: float) -> bool:
+        """Write `model_best.pth`: the weights that scored `value` on TRACKED_METRIC at this iteration. A full disk
+        or non-finite weights cost this file only (the error is logged, training goes on). Returns whether it was
+        written."""
+        state = self.weights_state(metric=TRACKED_METRIC, value=float(value), iteration=self.iteration)
+        try:
+            self.save(BEST, weights=state)
+        except NonFiniteStateError as e:
+            logger.error("iteration %d: %s", self.iteration, e)
+            return False
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            logger.error("iteration %d: cannot write %s (%s); training goes on", self.iteration, BEST,
+                         e.strerror or e)
+            return False
+        return True
 
     # -- the loop ------------------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -521,8 +573,10 @@ class Trainer:
                 self._stop_request = None
         if stopped is not None:
             return stopped
-        final_path = self.save("model_final.pth")
-        logger.info("saved %s", final_path)
+        # the last training checkpoint holds what --resume needs; model_final.pth the weights and config alone
+        last_path = self.save()
+        final_path = self.save(FINAL, weights=self.weights_state())
+        logger.info("saved %s (the weights) and %s (the training state)", final_path, last_path.name)
         if self.dist.is_main and (self.ledger.num_unreadable_images or self.train_set.coco.report.num_invalid):
             logger.warning("%s", self.ledger.summary(self.out / "data_report.json"))
         result = {}
@@ -543,11 +597,6 @@ class Trainer:
                                     pin_memory=self.device.type == "cuda")
         data_iter = iter(loader)
         smoothed = MetricMeter(window=20)
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=self.max_iter, initial=self.iteration, desc="train", unit="it", dynamic_ncols=True)
         logger.info("training %s: %d iterations (%d per epoch) of %d images, lr %.4g, on %s",
                     cfg.name or "model", self.max_iter, self.iters_per_epoch, self.total_batch, self.lr,
                     self.device)
@@ -555,7 +604,9 @@ class Trainer:
         last_log = time.perf_counter()
         images_since_log = 0
         saved_at = None
-        try:
+        # a bar on a terminal only (log lines print above it); redirected output gets the periodic log lines
+        with progress_bar(self.max_iter, "train", enabled=self.progress, initial=self.iteration) as bar, \
+                contextlib.closing(loader):  # the workers end with the loop, not at interpreter exit
             while self.iteration < self.max_iter:
                 step_start = time.perf_counter()
                 losses = self._step(data_iter)
@@ -565,18 +616,17 @@ class Trainer:
                 if action in ("rollback", "stop"):
                     self._rollback(action)
                     smoothed = MetricMeter(window=20)
-                    if bar is not None:
-                        bar.n = self.iteration
-                        bar.refresh()
+                    bar.n = self.iteration
+                    bar.refresh()
                     continue
                 images_since_log += self.total_batch
                 smoothed.update(losses)
-                if bar is not None and "loss" in smoothed.meters:
+                if "loss" in smoothed.meters:
                     bar.set_postfix(loss=f"{smoothed['loss'].median:.3f}",
                                     lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                                     img_s=f"{self.total_batch / (time.perf_counter() - step_start):.1f}",
                                     refresh=False)
-                    bar.update()
+                bar.update()
                 if self.iteration % rt.log_period == 0 or self.iteration == self.max_iter:
                     self._sync_skips()
                     now = time.perf_counter()
@@ -585,25 +635,21 @@ class Trainer:
                     medians = smoothed.medians()
                     self.writer.write(self.iteration, {**medians, "lr": lr, "images_per_second": speed,
                                                        "skipped_steps": self.skipped_steps})
-                    if bar is None and "loss" in smoothed.meters:  # no progress bar: one log line instead
+                    if bar.disable and "loss" in smoothed.meters:  # no progress bar: one log line instead
                         eta = (self.max_iter - self.iteration) * self.total_batch / max(speed, 1e-9)
                         logger.info("iteration %d/%d: loss %.4f, lr %.3g, %.1f img/s, eta %s", self.iteration,
                                     self.max_iter, medians["loss"], lr, speed, _duration(eta))
                     last_log, images_since_log = now, 0
+                # evaluation first: a checkpoint of the same iteration then records the best metric it found
+                if cfg.eval.period and self.iteration % cfg.eval.period == 0 and self.iteration < self.max_iter \
+                        and cfg.data.val.annotations:
+                    self._log_evaluation(self.evaluate())
                 if rt.checkpoint_period and self.iteration % rt.checkpoint_period == 0 \
                         and self.iteration < self.max_iter:
                     saved_at = self.iteration if self._save_or_roll_back() else None
-                if cfg.eval.period and self.iteration % cfg.eval.period == 0 and self.iteration < self.max_iter \
-                        and cfg.data.val.annotations:
-                    values = self._log_evaluation(self.evaluate())
-                    logger.info("iteration %d: bbox AP %.4f", self.iteration, values.get("bbox/AP", float("nan")))
                 # the stop every rank agreed on in this step's all-reduce (a signal arriving later counts next step)
                 if self._stop_agreed is not None and self.iteration < self.max_iter:
                     return self._stop(self._stop_agreed, saved_at)
-        finally:
-            if bar is not None:
-                bar.close()
-            loader.close()  # the workers end with the loop, not at interpreter exit
         return None
 
     def _stop(self, signal_name: str, saved_at: int | None) -> dict:

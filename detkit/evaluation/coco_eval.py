@@ -1,4 +1,9 @@
-"""COCO evaluation with pycocotools: the 12-line AP/AR block, per-category AP, result files and plots."""
+"""COCO evaluation with pycocotools: the 12-line AP/AR block, per-category AP, result files and plots.
+
+AP and AR are fractions everywhere (0.190), as the 12-line block prints them: in tables, plots, metrics.json and
+the training logs. A metric COCO leaves undefined (-1: AP small without small objects, a category without ground
+truth) is left out of metrics.json and printed as "-".
+"""
 from __future__ import annotations
 
 import contextlib
@@ -15,6 +20,12 @@ from ..utils.fileio import write_json_atomic
 import numpy as np
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+UNDEFINED = "-"  # how tables show a metric COCO leaves undefined
+
+
+def defined(value: float) -> bool:
+    """Whether a COCO metric is defined: pycocotools writes -1 where there is nothing to measure."""
+    return value >= 0
 
 
 @dataclass
@@ -32,16 +43,22 @@ class EvalResult:
 
     @property
     def metrics(self) -> dict:
-        return dict(zip(METRIC_NAMES, (float(s) for s in self.stats)))
+        """The defined metrics of the 12-line block, name -> fraction (METRIC_NAMES; undefined ones left out)."""
+        return {name: float(s) for name, s in zip(METRIC_NAMES, self.stats) if defined(s)}
+
+    def defined_per_category(self) -> dict:
+        """`per_category` without the undefined values: name -> {"AP", "AP50", "AP75"}, {} for no ground truth."""
+        return {name: {k: v for k, v in row.items() if defined(v)} for name, row in self.per_category.items()}
 
     def per_category_table(self) -> str:
-        """A table of per-category AP, AP50 and AP75 (in percent)."""
+        """A table of per-category AP, AP50 and AP75, as fractions like the 12-line block ("-": undefined)."""
         names = list(self.per_category)
         width = max([len("category")] + [len(n) for n in names])
         lines = [f"{'category':<{width}} |    AP |  AP50 |  AP75", f"{'-' * width}-|-------|-------|------"]
         for name in names:
             row = self.per_category[name]
-            cells = " | ".join(f"{100 * row[k]:5.1f}" if row[k] >= 0 else "  n/a" for k in ("AP", "AP50", "AP75"))
+            cells = " | ".join(f"{row[k]:5.3f}" if defined(row[k]) else f"{UNDEFINED:>5}"
+                               for k in ("AP", "AP50", "AP75"))
             lines.append(f"{name:<{width}} | {cells}")
         return "\n".join(lines)
 
@@ -207,42 +224,47 @@ def plot_precision_recall(result: EvalResult, path: str | Path) -> Path:
             warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column (no GT) is expected
             curve = np.nanmean(masked, axis=(0, 2))
         ap = _mean_valid(p)
-        ax.plot(r, np.nan_to_num(curve), label=f"{label} (AP {100 * max(ap, 0):.1f})")
+        ax.plot(r, np.nan_to_num(curve), label=f"{label} (AP {ap:.3f})" if defined(ap) else f"{label} (AP -)")
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.set_title(f"{result.iou_type}: precision-recall (area all, maxDets 100)")
-    ax.legend(loc="lower left")
+    # below the axes, in one row: curves of a good model fill the upper right, a poor one's the lower left
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=len(curves), fontsize="small", frameon=False)
     return _save(fig, path)
 
 
 def plot_per_category(result: EvalResult, path: str | Path) -> Path:
     """PNG bar chart of per-category AP (0.50:0.95), best first."""
     plt = _pyplot()
-    items = sorted(((n, v["AP"]) for n, v in result.per_category.items() if v["AP"] >= 0),
+    items = sorted(((n, v["AP"]) for n, v in result.per_category.items() if defined(v["AP"])),
                    key=lambda item: -item[1])
     height = max(2.5, 0.28 * len(items) + 1)
     fig, ax = plt.subplots(figsize=(6, height), dpi=100)
     names = [n for n, _ in items]
-    values = [100 * v for _, v in items]
+    values = [v for _, v in items]
     ax.barh(range(len(items)), values, color="#4c72b0")
     ax.set_yticks(range(len(items)), names)
     ax.invert_yaxis()
-    ax.set_xlim(0, 100)
-    ax.set_xlabel("AP (IoU=0.50:0.95), %")
-    ax.set_title(f"{result.iou_type}: AP per category (mean {100 * max(result.stats[0], 0):.1f})")
+    ax.set_xlim(0, 1.1)  # room for the value beside a bar at 1
+    ax.set_xticks(np.linspace(0, 1, 6))
+    ax.set_xlabel("AP (IoU=0.50:0.95)")
+    mean = f"{result.stats[0]:.3f}" if defined(result.stats[0]) else UNDEFINED
+    ax.set_title(f"{result.iou_type}: AP per category (mean {mean})")
     for i, v in enumerate(values):
-        ax.text(v + 1, i, f"{v:.1f}", va="center", fontsize=8)
+        ax.text(v + 0.01, i, f"{v:.3f}", va="center", fontsize=8)
     return _save(fig, path)
 
 
 def save_evaluation(results_by_type: dict[str, EvalResult], out_dir: str | Path, plots: bool = True) -> dict:
-    """Write metrics.json (and PR / per-category PNGs) for each evaluated IoU type; returns the file paths."""
+    """Write metrics.json (and PR / per-category PNGs) for each evaluated IoU type; returns the file paths.
+
+    metrics.json holds fractions, the defined metrics only (no -1, no NaN: it stays strict JSON)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = {t: {**r.metrics, "per_category": r.per_category, "num_detections": r.num_detections}
+    metrics = {t: {**r.metrics, "per_category": r.defined_per_category(), "num_detections": r.num_detections}
                for t, r in results_by_type.items()}
     files = {"metrics": write_json_atomic(metrics, out_dir / "metrics.json")}
     if plots:

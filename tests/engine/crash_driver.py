@@ -248,16 +248,28 @@ def state_differences(expected: Any, actual: Any, where: str = "") -> list[str]:
     return [] if expected == actual else [where or "<root>"]
 
 
+def last_state(run_dir: str | Path) -> dict:
+    """The training state a finished run ends with: the checkpoint `last_checkpoint` names (model_final.pth holds
+    the weights alone)."""
+    import torch
+
+    name = (Path(run_dir) / "last_checkpoint").read_text()
+    return torch.load(Path(run_dir) / name, map_location="cpu", weights_only=True)
+
+
 def final_differences(reference: dict, run_dir: str | Path) -> list[str]:
-    """How `run_dir/model_final.pth` differs from `reference` (a loaded model_final.pth) in model, optimiser and
-    iteration; [] when bit-identical."""
+    """How the run in `run_dir` ended differently from `reference` (a finished run's `last_state`): the model,
+    optimiser and iteration of its last training checkpoint, and the weights of its model_final.pth; [] when
+    bit-identical."""
     import torch
 
     path = Path(run_dir) / "model_final.pth"
     if not path.is_file():
         return ["model_final.pth is missing"]
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return (state_differences(reference["model"], state["model"], "model")
+    final = torch.load(path, map_location="cpu", weights_only=True)
+    state = last_state(run_dir)
+    return (state_differences(reference["model"], final["model"], "model_final.model")
+            + state_differences(reference["model"], state["model"], "model")
             + state_differences(reference["optimizer"], state["optimizer"], "optimizer")
             + state_differences(reference["iteration"], state["iteration"], "iteration"))
 

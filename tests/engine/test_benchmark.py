@@ -283,7 +283,7 @@ def test_benchmark_command(tiny_run):
     record = json.loads(tiny_run["path"].read_text())
     lines = tiny_run["stdout"].splitlines()
     header = lines.index("| Backbone | Lr schd | Mem (GB) | Train time (s/iter) | Train speed (img/s) | "
-                         "Inf time (fps) | box AP | mask AP |")
+                         "Inf time (fps) | box AP (%) | mask AP (%) |")
     assert lines[header + 2] == record["markdown_row"]
     assert lines[-1] == f"record written to {tiny_run['path']}"
     assert any(line.startswith("training: batch 2, 1 iterations after 0 warm-up") for line in lines)

@@ -130,8 +130,12 @@ def test_find_last_checkpoint(tmp_path):
     assert find_last_checkpoint(tmp_path) == tmp_path / "model_0001000.pth"
     (tmp_path / "last_checkpoint").write_text("../model_0000900.pth")  # never outside the folder
     assert find_last_checkpoint(tmp_path) == tmp_path / "model_0001000.pth"
+    # weights files are never training checkpoints, not even when the pointer names them (as it once did)
     torch.save({}, tmp_path / "model_final.pth")
-    assert find_last_checkpoint(tmp_path) == tmp_path / "model_final.pth"
+    torch.save({}, tmp_path / "model_best.pth")
+    assert find_last_checkpoint(tmp_path) == tmp_path / "model_0001000.pth"
+    (tmp_path / "last_checkpoint").write_text("model_final.pth")
+    assert find_last_checkpoint(tmp_path) == tmp_path / "model_0001000.pth"
 
 
 def _damage(path, how):

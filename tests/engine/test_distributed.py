@@ -61,7 +61,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_total_batch(synth_ro
             assert b[key] == pytest.approx(a[key], rel=1e-5), (a["iteration"], key)
             loss_gaps.append(abs(b[key] - a[key]) / abs(a[key]))
         assert b["lr"] == a["lr"]  # the learning rate scaled with the total batch of 2 x 2
-    final = torch.load(tmp_path / "two" / "model_final.pth", weights_only=True)
+    final = torch.load(tmp_path / "two" / "model_0000004.pth", weights_only=True)  # the last training state
     assert final["world_size"] == 2 and len(final["rng_per_rank"]) == 2
     assert final["data"]["step_batch"] == 4
     abs_gap = rel_gap = 0.0
@@ -92,7 +92,7 @@ def test_two_gloo_processes_equal_one_process_with_the_same_total_batch(synth_ro
         assert b[image_id][0] == count and b[image_id][1] == pytest.approx(score_sum, rel=1e-4), image_id
     # exactly one set of files: rank 1 wrote nothing
     checkpoints = sorted(p.name for p in (tmp_path / "two").glob("model_*.pth"))
-    assert checkpoints == ["model_0000002.pth", "model_final.pth"]
+    assert checkpoints == ["model_0000002.pth", "model_0000004.pth", "model_best.pth", "model_final.pth"]
     assert log.count("iteration 4/4") == 1, log[-3000:]
     print(f"\n2 processes vs 1: largest weight difference {abs_gap:.3g} (relative {rel_gap:.3g}); largest "
           f"relative loss difference {max(loss_gaps):.3g}; bbox AP {ap_one:.4f} vs {eval_two['bbox']['AP']:.4f}; "

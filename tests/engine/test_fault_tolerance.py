@@ -8,10 +8,9 @@ import shutil
 import signal
 
 import pytest
-import torch
 
-from crash_driver import (final_differences, finish, kill_group, metrics_iterations, run, start, train_command,
-                          wait_for_iteration)
+from crash_driver import (final_differences, finish, kill_group, last_state, metrics_iterations, run, start,
+                          train_command, wait_for_iteration)
 from detkit.config import dump_yaml
 from detkit.engine.checkpoint import verify_checkpoint
 from run_configs import fast_config
@@ -25,8 +24,8 @@ TEMPORARY = re.compile(r"\..+\.\d+\.tmp")  # what write_atomic writes before its
 
 @pytest.fixture(scope="module")
 def reference(synth_root, tmp_path_factory):
-    """The config file (8 iterations, a checkpoint every 2, two DataLoader workers) and the final checkpoint of
-    an uninterrupted subprocess run of it."""
+    """The config file (8 iterations, a checkpoint every 2, two DataLoader workers) and the last training state
+    of an uninterrupted subprocess run of it."""
     work = tmp_path_factory.mktemp("fault_tolerance")
     cfg = fast_config(synth_root, work / "unused")
     cfg.data.num_workers = 2
@@ -34,7 +33,8 @@ def reference(synth_root, tmp_path_factory):
     dump_yaml(cfg, work / "cfg.yaml")
     rc, output = run(train_command(work / "cfg.yaml", work / "reference"), work / "reference.log", TIMEOUT)
     assert rc == 0, output
-    state = torch.load(work / "reference" / "model_final.pth", map_location="cpu", weights_only=True)
+    state = last_state(work / "reference")
+    assert state["iteration"] == 8
     yield work / "cfg.yaml", state
     shutil.rmtree(work / "reference")  # ~190 MB of checkpoints
 
@@ -97,13 +97,14 @@ def test_sigkill_then_resume_is_bit_identical(reference, tmp_path, point):
         assert _pointer(run_dir) == "model_0000004.pth" and temporaries == []
         assert "model_0000006.pth.sha256" not in files and verify_checkpoint(run_dir / "model_0000006.pth") is None
     elif point == "final-mid-write":
-        assert _pointer(run_dir) == "model_0000006.pth" and "model_final.pth" not in files
+        # the training state of the last iteration is saved; the weights file was being written
+        assert _pointer(run_dir) == "model_0000008.pth" and "model_final.pth" not in files
         assert len(temporaries) == 1 and temporaries[0].startswith(".model_final.pth.")
     else:
         # the kill lands somewhere after iteration K was logged: in K's save, in step K + 1 or its save
         pointer = _pointer(run_dir)
         assert verify_checkpoint(run_dir / pointer) is None
-        saved_at = 8 if pointer == "model_final.pth" else int(pointer[len("model_"):-len(".pth")])
+        saved_at = int(pointer[len("model_"):-len(".pth")])
         assert EXTERNAL_K - 2 <= saved_at <= EXTERNAL_K + 1, pointer
 
     output = _resume_and_compare(config, run_dir, tmp_path / "resume.log", reference_state)
