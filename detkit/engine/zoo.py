@@ -413,6 +413,28 @@ def _intro(records_label: str) -> list[str]:
     return [_paragraph(how), "", _paragraph(marks), ""]
 
 
+def _weights_note(records: Sequence[Mapping[str, Any]], shipped: Mapping[str, tuple[Path, Config]]) -> str:
+    """Which rows have trained weights (their records carry an AP) and on what data; every other row is speed only."""
+    evaluated = {_record_stem(r): r["accuracy"] for r in records
+                 if r.get("accuracy") and _record_stem(r) in shipped}
+    if not evaluated:
+        return ("**Trained weights.** No config here has trained weights yet: every row gives speed and memory only, "
+                f"and every AP reads `{NOT_MEASURED}`.")
+    names = ", ".join(f"`{stem}`" for stem in sorted(evaluated))
+    one = len(evaluated) == 1
+    text = (f"**Trained weights.** Only {len(evaluated)} {'config has' if one else 'configs have'} trained weights, "
+            f"and only {'its rows have' if one else 'their rows have'} an AP: {names}.")
+    if all(stem.endswith("-demo") for stem in evaluated):
+        val_sets = sorted({str(a.get("annotations")) for a in evaluated.values()})
+        text += (f" {'It is a demo config' if one else 'They are the demo configs'}, trained from scratch on the "
+                 "synthetic dataset of `detkit synth`, not on COCO; AP on its val split ("
+                 + ", ".join(f"`{v}`" for v in val_sets) + ") says that training works, not how the detector does "
+                 "on COCO. None of the full-size COCO configs has trained weights yet.")
+    text += (f" Every other row gives speed and memory only, measured with random weights, and its AP reads "
+             f"`{NOT_MEASURED}`.")
+    return text
+
+
 def render_zoo(records: Sequence[Mapping[str, Any]], configs_dir: str | Path, *,
                records_label: str = "benchmarks/records", link_from: str | Path = "docs",
                shipped: Mapping[str, tuple[Path, Config]] | None = None) -> str:
@@ -442,7 +464,8 @@ def render_zoo(records: Sequence[Mapping[str, Any]], configs_dir: str | Path, *,
     if not any(m[0] == "GPU" for m in machines):
         machines.insert(0, ("GPU", "", 0))  # the placeholder table: every config "not yet measured"
 
-    lines = [HEADER.format(records=records_label), "# Model zoo", "", *_intro(records_label)]
+    lines = [HEADER.format(records=records_label), "# Model zoo", "", *_intro(records_label),
+             _paragraph(_weights_note(records, shipped)), ""]
     for fam in FAMILIES:
         stems = sorted((s for s in shipped if descs[s]["family"] == fam),
                        key=lambda s: _sort_key(shipped[s][1], descs[s]))
