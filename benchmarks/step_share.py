@@ -69,7 +69,7 @@ def main() -> None:
         "*Outside* is 1 - (time in the outermost aten convolution / convolution_backward / addmm / mm / bmm calls, "
         "from the profiled steps) / wall time: the profiled steps' wall, or the unprofiled steps' (which leaves "
         "the profiler's per-op overhead out of the wall but not out of the convolution time, and carries the "
-        "step-to-step noise of a few steps); the issue's target is under 10%. Compiled kernels (fused norms, activations, sums) are "
+        "step-to-step noise of a few steps); detkit aims for under 10%. Compiled kernels (fused norms, activations, sums) are "
         "not aten ops: their time is in *unattributed*, the part of *outside* no aten op claims (with Python and "
         "the profiler's own work). *compile* is `runtime.compile: true` (inductor: the trunk, FPN, head and the "
         "losses over every anchor); its warm-up step compiles.",

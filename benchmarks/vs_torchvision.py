@@ -1,4 +1,4 @@
-"""detkit against torchvision on the GPU, side by side in one run: the issue's speed targets, judged.
+"""detkit against torchvision on the GPU, side by side in one run: detkit's speed targets, judged.
 
     python benchmarks/vs_torchvision.py --models retinanet faster mask --modes train infer [--batch 32] \\
         [--size 640] [--precision bf16|fp32] [--rounds 3] [--warmup N] [--iters N] [--override KEY=VALUE ...] \\
@@ -35,7 +35,7 @@ import common  # noqa: E402 (benchmarks/ is the script dir)
 
 SECTION = "gpu-targets"
 RECORDS = common.ROOT / "benchmarks" / "records-vs-torchvision"  # benchmarks/records holds schema-1 records only
-NOT_LENT = "not yet measured: no GPU was lent to this task"
+NOT_LENT = "not yet measured"  # every measured cell until a GPU run fills it
 NOT_RUN = "not measured in this run"
 INFER_SIZE = (800, 1333)  # the issue's batch-1 inference size; both sides pad it to 800x1344
 NUM_CLASSES = 91  # COCO's ids, as torchvision's weights and the *-torchvision configs number them
@@ -190,11 +190,11 @@ def render_section(comparisons: Sequence[Comparison] | None, *, command: str, ma
                    batch: int, size: int, precision: str, rounds: int, device_type: str = "cuda") -> str:
     """The gpu-targets section of docs/benchmarks.md; `comparisons=None` renders it before any GPU run."""
     when = (f"Machine: {machine}; measured {time.strftime('%Y-%m-%d')}." if comparisons is not None else
-            f"{NOT_LENT[0].upper()}{NOT_LENT[1:]}; on the GPU machine the command above fills every cell.")
+            f"{NOT_LENT[0].upper()}{NOT_LENT[1:]}: the command above, run on a GPU, fills every cell.")
     rows = "\n".join(target_rows(comparisons, precision=precision, size=size, device_type=device_type))
     return f"""## GPU targets: detkit against torchvision (`python benchmarks/vs_torchvision.py`)
 
-The issue's targets on one H200 GPU, measured side by side with torchvision in one run:
+detkit's speed targets on one H200 GPU, measured side by side with torchvision in one run:
 
     {command}
 
