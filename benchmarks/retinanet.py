@@ -118,7 +118,7 @@ def measure_model(repeats: int, size: int) -> dict:
 
 def measure_demo(eval_every: int, quick: bool) -> dict:
     """Train the demo config, evaluating every `eval_every` iterations; AP against training seconds."""
-    from detkit.cli import DEMO_CONFIG, DEMO_DATA, DEMO_IMAGE_SIZES, DEMO_SPLITS, demo_overrides, shipped_config
+    from detkit.cli import DEMO_CONFIGS, DEMO_DATA, DEMO_IMAGE_SIZES, DEMO_SPLITS, demo_overrides, shipped_config
     from detkit.config import Config, load_config
     from detkit.data.synth import generate
     from detkit.engine import trainer as trainer_module
@@ -129,7 +129,7 @@ def measure_demo(eval_every: int, quick: bool) -> dict:
     overrides = [*demo_overrides(root, "/tmp/detkit-bench/demo"), f"eval.period={eval_every}", "eval.plots=false"]
     if quick:
         overrides.append("solver.max_length=1")
-    cfg = load_config(Config, shipped_config(DEMO_CONFIG), overrides)
+    cfg = load_config(Config, shipped_config(DEMO_CONFIGS["retinanet"]), overrides)
     trainer = trainer_module.Trainer(cfg, progress=False)
     curve, eval_seconds = [], 0.0
     evaluate = trainer.evaluate

@@ -13,7 +13,9 @@ from typing import Sequence
 DEMO_DATA = Path("datasets/synth-demo")
 DEMO_SPLITS = {"train": 600, "val": 100}
 DEMO_IMAGE_SIZES = (128, 192)  # short side range: small images, so that a CPU trains the demo in minutes
-DEMO_CONFIG = "retinanet-resnet18-fpn-demo.yaml"
+# `detkit demo --detector NAME`: the demo-sized config of each detector; the first is the default
+DEMO_CONFIGS = {"cascade": "cascade-rcnn-resnet18-fpn-demo.yaml", "retinanet": "retinanet-resnet18-fpn-demo.yaml",
+                "faster": "faster-rcnn-resnet18-fpn-demo.yaml", "mask": "mask-rcnn-resnet18-fpn-demo.yaml"}
 DEMO_OUT = Path("runs/demo")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 CONFIG_SUFFIXES = (".yaml", ".yml")
@@ -734,11 +736,14 @@ def demo_overrides(root: str | Path, out: str | Path) -> list[str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Generate the synthetic dataset if missing, train the demo RetinaNet, evaluate it and draw predictions."""
+    """Generate the synthetic dataset if missing, train the demo detector, evaluate it and draw predictions."""
     from .config import Config, load_config
     from .engine.trainer import Trainer
 
     start = time.perf_counter()
+    if args.out is None:
+        default = args.detector == next(iter(DEMO_CONFIGS))
+        args.out = str(DEMO_OUT if default else DEMO_OUT.with_name(f"{DEMO_OUT.name}-{args.detector}"))
     root = Path(args.data)
     missing = [s for s in DEMO_SPLITS if not (root / "annotations" / f"instances_{s}.json").is_file()]
     if missing:
@@ -749,7 +754,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return code
     else:
         print(f"using the synthetic dataset in {root}")
-    cfg = load_config(Config, shipped_config(DEMO_CONFIG), [*demo_overrides(root, args.out), *args.overrides])
+    cfg = load_config(Config, shipped_config(DEMO_CONFIGS[args.detector]),
+                      [*demo_overrides(root, args.out), *args.overrides])
     cfg.name = cfg.name or "demo"
     out = Path(args.out)
     trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
@@ -923,12 +929,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_zoo_table)
 
     p = add("demo", "detkit demo [key=value ...] [options]",
-            help="the README's demo: train RetinaNet on the synthetic dataset, evaluate, draw")
+            help="the README's demo: train a detector on the synthetic dataset, evaluate it, draw its detections")
     p.add_argument("positionals", nargs="*", metavar="key=value", help="overrides of the demo config, key=value")
     p.add_argument("--data", default=str(DEMO_DATA), help="where the synthetic dataset lives")
-    p.add_argument("--out", default=str(DEMO_OUT), help="run folder (default runs/demo)")
+    p.add_argument("--out", help="run folder (default runs/demo, runs/demo-NAME with --detector NAME)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo run")
     p.add_argument("--pictures", type=int, default=8, help="val images to draw predictions for")
+    p.add_argument("--detector", choices=list(DEMO_CONFIGS), default=next(iter(DEMO_CONFIGS)),
+                   help="which demo config to train: " + ", ".join(f"{k} ({v})" for k, v in DEMO_CONFIGS.items())
+                   + f" (default {next(iter(DEMO_CONFIGS))})")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser

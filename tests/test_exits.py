@@ -172,3 +172,18 @@ def test_train_under_torchrun_exits(synth_root, no_gc, tmp_path):
         assert_exits_promptly(run)
     assert any("outputs in" in line.text for line in run.lines), run.output()
     assert (tmp_path / "run" / "model_final.pth").is_file()
+
+
+@pytest.mark.parametrize("detector", ["cascade", "retinanet"])
+def test_demo_exits_after_its_last_line(synth_root, no_gc, tmp_path, detector):
+    """`detkit demo` on an existing dataset: trains, evaluates, draws, prints where everything is, and exits."""
+    overrides = [o for o in data_overrides(synth_root) if not o.startswith(("data.train.", "data.val."))]
+    command = [*detkit_module(), "demo", "--detector", detector, "--data", str(synth_root), "--out",
+               str(tmp_path / "demo"), "--pictures", "2", "--no-progress", *overrides, "solver.unit=iterations",
+               "solver.max_length=2", "solver.warmup_iters=1"]
+    with Watched(command, cwd=tmp_path, env=no_gc) as run:
+        run.finish()
+    assert_exits_promptly(run)
+    assert any(line.text.startswith("demo finished in") for line in run.lines), run.output()
+    assert len(list((tmp_path / "demo" / "predictions").glob("*.png"))) == 2
+    assert len(run.descendants) >= 2, f"no DataLoader workers seen: {run.descendants}"

@@ -509,7 +509,9 @@ class EvalConfig:
 class RuntimeConfig:
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    # mixed precision: bf16 or fp16 (with loss scaling) autocast; "auto" is bf16 where the device computes it
+    # natively (CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX) and none elsewhere
+    amp: Literal["none", "bf16", "fp16", "auto"] = "none"
     channels_last: bool = False  # NHWC weights and activations: faster convolutions on recent CPUs and GPUs
     fold_bn: bool = True  # inference (eval, predict, benchmark): merge frozen batch norms into their convolutions
     # torch.compile the trunk, neck and dense heads (engine/compile.py) in training, evaluation and the benchmark

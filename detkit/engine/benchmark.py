@@ -36,7 +36,7 @@ from ..modeling.fold import FoldReport
 from ..utils.progress import progress_bar
 from .compile import compile_model
 from .flops import input_size, measure, resolve_num_classes
-from .inference import autocast, load_detector, prepare_for_inference
+from .inference import autocast, load_detector, prepare_for_inference, resolve_amp
 from .environment import environment
 from .zoo import GIB, SCHEMA, config_hash, describe, markdown_row
 
@@ -635,7 +635,7 @@ def run_benchmark(cfg: Config, options: BenchmarkOptions) -> dict:
                         "sha256": digest, "arch": cfg.model.arch, "backbone": labels["backbone"],
                         "schedule": labels["schedule"], "num_classes": num_classes,
                         "num_classes_source": num_classes_source}
-    record["settings"] = {"amp": cfg.runtime.amp, "channels_last": cfg.runtime.channels_last,
+    record["settings"] = {"amp": resolve_amp(cfg.runtime.amp, device), "channels_last": cfg.runtime.channels_last,
                           "compile": cfg.runtime.compile,
                           "fold_bn": cfg.runtime.fold_bn, "input": "synthetic",
                           # training always starts from a random init; --weights serve inference and AP

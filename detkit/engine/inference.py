@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -16,8 +17,31 @@ from ..data.transforms import boxes_to_original
 from .compile import compile_model
 
 
+@functools.lru_cache(maxsize=1)
+def _cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), where bf16 convolutions are faster than
+    float32 ones; elsewhere oneDNN emulates them, more slowly than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: no way to tell cheaply, so no
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags)) and torch.backends.mkldnn.is_available()
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """`runtime.amp` with "auto" resolved for `device`: "bf16" where it computes bfloat16 natively, else "none"."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "none"
+    if device.type == "cpu":
+        return "bf16" if _cpu_has_native_bf16() else "none"
+    return "none"
+
+
 def autocast(device: torch.device, amp: str):
-    """The autocast context for `amp` ("none", "bf16", "fp16") on `device`."""
+    """The autocast context for `amp` ("none", "bf16", "fp16", "auto": see `resolve_amp`) on `device`."""
+    amp = resolve_amp(amp, device)
     if amp == "none":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16

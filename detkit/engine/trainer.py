@@ -26,7 +26,7 @@ from .checkpoint import (BEST, DISK_FULL, FINAL, CheckpointError, load_checkpoin
                          non_finite_tensors, remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
 from .distributed import all_gather_objects, broadcast_object, init_distributed, prepare_model
 from .divergence import DivergenceError, DivergenceGuard
-from .inference import evaluate_model
+from .inference import evaluate_model, resolve_amp
 from .signals import StopRequest
 from .train_step import TrainStep
 from .metrics import MetricMeter, MetricsWriter, plot_loss_curve
@@ -597,9 +597,10 @@ class Trainer:
                                     pin_memory=self.device.type == "cuda")
         data_iter = iter(loader)
         smoothed = MetricMeter(window=20)
-        logger.info("training %s: %d iterations (%d per epoch) of %d images, lr %.4g, on %s",
+        amp = resolve_amp(rt.amp, self.device)
+        logger.info("training %s: %d iterations (%d per epoch) of %d images, lr %.4g, on %s%s",
                     cfg.name or "model", self.max_iter, self.iters_per_epoch, self.total_batch, self.lr,
-                    self.device)
+                    self.device, "" if amp == "none" else f" with {amp} autocast")
         self._train_model.train()
         last_log = time.perf_counter()
         images_since_log = 0
