@@ -73,7 +73,9 @@ def resolve_positionals(args: argparse.Namespace) -> argparse.Namespace:
             tokens.insert(0, resume)
             args.resume = True
     tokens += getattr(args, "spilled", None) or []  # what a list option (--iou-types) took from after it
-    overrides = [t for t in tokens if is_override(t)]
+    # in the order written, whichever option took them: of two overrides of one key the later wins
+    position = {token: i for i, token in enumerate(getattr(args, "argv", []))}
+    overrides = sorted((t for t in tokens if is_override(t)), key=lambda t: position.get(t, len(position)))
     words = [t for t in tokens if not is_override(t)]
     args.overrides = overrides
     if command in ("train", "flops", "benchmark"):
@@ -187,13 +189,18 @@ def _check_device(name: str, source: str = "runtime.device") -> None:
     from .config import ConfigError
     from .engine.trainer import resolve_device
 
+    import torch
+
     try:
-        resolve_device(name)
+        device = resolve_device(name)
     except RuntimeError as exc:
         if "CUDA is not available" in str(exc):
             raise ConfigError(f"{source} is {name!r} but this machine has no CUDA; use {source}"
                               f"{'=' if source.startswith('runtime') else ' '}cpu (or auto)") from None
         raise ConfigError(f"{source}: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{source} is {name!r} but this machine has {torch.cuda.device_count()} GPU(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
 def _check_weights_paths(cfg) -> None:
@@ -397,9 +404,27 @@ def _launch_on_gpus(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def _start_trainer(cfg, *, resume: bool | str, progress: bool, allow_changes: bool = False):
+    """A Trainer for `cfg`, after the checks that need nothing built (dataset, weights paths, device, the
+    checkpoint to resume); a start that fails leaves no empty run folder behind."""
+    from .engine.trainer import Trainer
+
+    check_dataset(cfg, {"train": True, "val": False})
+    _check_weights_paths(cfg)
+    _check_device(cfg.runtime.device)
+    if isinstance(resume, str) and not Path(resume).is_file():
+        raise FileNotFoundError(f"--resume: no such checkpoint {resume} (without a path, --resume continues "
+                                f"from the last checkpoint in runtime.output_dir, {cfg.runtime.output_dir})")
+    new_folders = _new_folders(Path(cfg.runtime.output_dir))
+    try:
+        return Trainer(cfg, resume=resume, progress=progress, allow_changes=allow_changes)
+    except BaseException:
+        _remove_empty(new_folders)
+        raise
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .engine.distributed import shutdown
-    from .engine.trainer import Trainer
 
     if args.gpus < 1:
         print("error: --gpus must be >= 1", file=sys.stderr)
@@ -409,21 +434,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     if args.output_dir:
         cfg.runtime.output_dir = args.output_dir
-    # everything that can be checked without building anything, before the run folder is made
-    check_dataset(cfg, {"train": True, "val": False})
-    _check_weights_paths(cfg)
-    _check_device(cfg.runtime.device)
-    if isinstance(args.resume, str) and not Path(args.resume).is_file():
-        raise FileNotFoundError(f"--resume: no such checkpoint {args.resume} (without a path, --resume continues "
-                                f"from the last checkpoint in runtime.output_dir, {cfg.runtime.output_dir})")
-    new_folders = _new_folders(Path(cfg.runtime.output_dir))
     try:
-        try:
-            trainer = Trainer(cfg, resume=args.resume or False, progress=not args.no_progress,
-                              allow_changes=args.allow_changes)
-        except BaseException:
-            _remove_empty(new_folders)  # a start that failed leaves no empty run folder behind
-            raise
+        trainer = _start_trainer(cfg, resume=args.resume or False, progress=not args.no_progress,
+                                 allow_changes=args.allow_changes)
         result = trainer.train()
     finally:
         shutdown()
@@ -436,8 +449,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     for iou_type, r in result.get("evaluations", {}).items():
         print(f"Evaluate annotation type *{iou_type}*")
         print(r.summary, end="")
-    print(f"outputs in {trainer.out}: model_final.pth, metrics.jsonl, loss_curve.png, tensorboard/"
-          + (", eval/" if result else ""))
+    print(f"outputs in {trainer.out}: model_final.pth"
+          + (", model_best.pth" if (trainer.out / "model_best.pth").is_file() else "")
+          + ", metrics.jsonl, loss_curve.png, tensorboard/" + (", eval/" if result else ""))
     return 0
 
 
@@ -457,7 +471,8 @@ def _eval_weights(args: argparse.Namespace) -> int:
     del stored
     dataset = build_dataset(cfg.data, "val")
     with build_test_loader(dataset, cfg.data, pin_memory=device.type == "cuda") as loader:
-        result = evaluate_model(model, dataset, loader, device, amp=cfg.runtime.amp, iou_types=args.iou_types,
+        result = evaluate_model(model, dataset, loader, device, amp=cfg.runtime.amp,
+                                iou_types=args.iou_types or cfg.eval.iou_types,
                                 out_dir=args.out, plots=not args.no_plots,
                                 category_ids=np.array([c["id"] for c in categories]))
     for iou_type, r in result["evaluations"].items():
@@ -466,7 +481,7 @@ def _eval_weights(args: argparse.Namespace) -> int:
         print(r.summary, end="")
         print(r.per_category_table())
     if args.out:
-        print(f"wrote {args.out}/metrics.json, results.json and plots")
+        print(f"wrote {args.out}/metrics.json, results.json" + ("" if args.no_plots else " and plots"))
     return 0
 
 
@@ -508,7 +523,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     results = load_json(args.results)
     out = {}
-    for iou_type in args.iou_types:
+    for iou_type in args.iou_types or ["bbox"]:
         try:
             result = evaluate(gt, results, iou_type)
         except ResultsError as exc:
@@ -738,7 +753,6 @@ def demo_overrides(root: str | Path, out: str | Path) -> list[str]:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Generate the synthetic dataset if missing, train the demo detector, evaluate it and draw predictions."""
     from .config import Config, load_config
-    from .engine.trainer import Trainer
 
     start = time.perf_counter()
     if args.out is None:
@@ -758,8 +772,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                       [*demo_overrides(root, args.out), *args.overrides])
     cfg.name = cfg.name or "demo"
     out = Path(args.out)
-    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
-    result = trainer.train()
+    result = _start_trainer(cfg, resume=args.resume, progress=not args.no_progress).train()
     if "stopped" in result:
         print(f"demo stopped by {result['stopped']} at iteration {result['iteration']}; continue it with "
               "`detkit demo --resume`")
@@ -868,8 +881,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"config stored in the checkpoint), and {_OVERRIDES_HELP}")
     p.add_argument("--gt", help="ground-truth instances JSON")
     p.add_argument("--results", help="COCO results JSON (a list of detections)")
-    p.add_argument("--iou-types", nargs="+", default=["bbox"], action=_ListOption, item_choices=("bbox", "segm"),
-                   metavar="{bbox,segm}")
+    p.add_argument("--iou-types", nargs="+", action=_ListOption, item_choices=("bbox", "segm"),
+                   metavar="{bbox,segm}", help="what to evaluate (default: with --weights the config's "
+                                               "eval.iou_types, else bbox)")
     p.add_argument("--weights", help="evaluate this model (checkpoint or weights file) on the config's val split")
     p.add_argument("--out", help="folder for metrics.json, results.json and the plots")
     p.add_argument("--no-plots", action="store_true")
@@ -964,16 +978,26 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return resolve_positionals(args)
 
 
+_TRACEBACK = "Traceback (most recent call last)"
+
+
 def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return lines[0].strip() if lines else ""
+    """The line that says what went wrong: the first of the message, or for an exception a DataLoader worker
+    raised (its message holds the worker's traceback) the traceback's last, less the exception's type."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if _TRACEBACK in str(exc):
+        kind, sep, message = lines[-1].partition(": ")
+        return message if sep and kind.replace(".", "").replace("_", "").isalnum() else lines[-1]
+    return lines[0]
 
 
 def _user_message(exc: BaseException) -> str:
     """A user error's message as written (some list one line per problem), but never a worker's traceback (a
     DataLoader worker's exception arrives with it in its message)."""
     text = str(exc)
-    return _first_line(exc) if "Traceback (most recent call last)" in text else text
+    return _first_line(exc) if _TRACEBACK in text else text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1017,7 +1041,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {_user_message(exc)}", file=sys.stderr)
             return 3
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
-        sys.stderr.close()
+        # what is still buffered for the closed pipe goes nowhere, so that the exit flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
         if debug:

@@ -36,7 +36,7 @@ def test_train_overrides_before_or_after_the_flags(argv):
 
 
 @pytest.mark.parametrize("argv, resume, overrides", [
-    (["train", "c.yaml", "--resume", "a.b=1", "c.d=2"], True, ["c.d=2", "a.b=1"]),  # --resume took the override
+    (["train", "c.yaml", "--resume", "a.b=1", "c.d=2"], True, ["a.b=1", "c.d=2"]),  # order kept
     (["train", "--resume", "c.yaml", "a.b=1"], True, ["a.b=1"]),  # ... or the config
     (["train", "c.yaml", "a.b=1", "--resume"], True, ["a.b=1"]),
     (["train", "c.yaml", "--resume", "runs/x/model_0000010.pth", "a.b=1"], "runs/x/model_0000010.pth", ["a.b=1"]),

@@ -304,10 +304,12 @@ def test_the_metrics_log_has_no_nan(tmp_path):
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"iteration": 3, "bbox/AP": 0.25}
 
 
-def test_the_model_zoo_labels_its_percent_column():
-    assert "box AP (%)" in COLUMNS and "mask AP (%)" in COLUMNS
+def test_the_model_zoo_gives_ap_as_a_fraction():
+    assert "box AP" in COLUMNS and "mask AP" in COLUMNS and not any("%" in c for c in COLUMNS)
     page = (REPO / "docs" / "MODEL_ZOO.md").read_text()
-    assert "| box AP (%) | mask AP (%) |" in page and "| box AP | mask AP |" not in page
+    assert "| box AP | mask AP |" in page and "AP (%)" not in page
+    measured = re.findall(r"\| (\d+\.\d+) \| (?:-|\d+\.\d+) \| \[", page)  # the box AP cell of a row with AP
+    assert measured and all(0 <= float(ap) <= 1 for ap in measured)
 
 
 # -- synth's defaults ------------------------------------------------------------------------------------------

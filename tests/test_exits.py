@@ -89,6 +89,7 @@ def test_eval_with_weights_exits(synth_root, weights, no_gc, tmp_path):
     with Watched(command, cwd=tmp_path, env=no_gc) as run:
         assert_exits_promptly(run)
     assert (tmp_path / "eval" / "metrics.json").is_file()
+    assert len(run.descendants) >= 2, f"no DataLoader workers seen: {run.descendants}"
 
 
 def test_benchmark_with_weights_exits(synth_root, weights, no_gc, tmp_path):
@@ -100,12 +101,14 @@ def test_benchmark_with_weights_exits(synth_root, weights, no_gc, tmp_path):
     with Watched(command, cwd=tmp_path, env=no_gc) as run:
         assert_exits_promptly(run)
     assert (tmp_path / "record.json").is_file()
+    assert len(run.descendants) >= 2, f"no DataLoader workers seen: {run.descendants}"
 
 
 def test_predict_exits(synth_root, weights, no_gc, tmp_path):
+    # predict reads its images in the main process: no workers, but the same exit path after the model ran
     images = sorted((synth_root / "val").iterdir())[:2]
-    command = [*detkit_module(), "predict", str(CONFIG), *map(str, images), "--weights", str(weights),
-               "--out", str(tmp_path / "pictures"), "--set", "data.num_workers=2"]
+    command = [*detkit_module(), "predict", *map(str, images), "--weights", str(weights),
+               "--out", str(tmp_path / "pictures")]
     with Watched(command, cwd=tmp_path, env=no_gc) as run:
         assert_exits_promptly(run)
     assert (tmp_path / "pictures" / "predictions.json").is_file()

@@ -8,6 +8,7 @@ import torch
 from detkit.config import Config, load_config
 from detkit.data import build_dataset, build_test_loader, build_train_loader
 from detkit.data.loader import TrainBatchSampler
+from detkit.data.coco import DatasetError
 
 
 def _cfg(root, *overrides):
@@ -162,5 +163,5 @@ def test_substitute_search_walks_any_run_and_fails_only_when_every_image_does(sy
     assert meta.index == last and len(meta.skipped) == last > 10  # the old limit was 10 in a row
     assert {reason for _, _, reason in meta.skipped} == {"file not found"}
     (tmp_path / str(ds.coco.file_names[last])).unlink()
-    with pytest.raises(RuntimeError, match=f"none of the {len(ds)} images .*`detkit check-data --decode`"):
+    with pytest.raises(DatasetError, match=f"none of the {len(ds)} images .*`detkit check-data --decode`"):
         ds[(3, 3)]

@@ -70,7 +70,7 @@ def _inference(fps: float, iters: int) -> dict:
 
 
 def _ap(value: float) -> dict:
-    return {"AP": value, "stats": [value / 100] + [0.0] * 11, "summary": ""}
+    return {"AP": value, "stats": [value] + [0.0] * 11, "summary": ""}
 
 
 def _fixture_records() -> dict[str, dict]:
@@ -87,8 +87,8 @@ def _fixture_records() -> dict[str, dict]:
             "mask-rcnn-resnet18-fpn-demo", XEON, train=_train(8, 8, 2.345, rss, 1, 2),
             inference=_inference(9.87, 3),
             accuracy={"annotations": "datasets/synth-demo/annotations/instances_val.json", "weights": "w.pth",
-                      "weights_sha256": "0" * 64, "images": 8, "subset": True, "bbox": _ap(31.24),
-                      "segm": _ap(28.66)}),
+                      "weights_sha256": "0" * 64, "images": 8, "subset": True, "bbox": _ap(0.3124),
+                      "segm": _ap(0.2866)}),
         "faster-rcnn-resnet50-fpn-1x__cpu-2c-xeon": _record(
             "faster-rcnn-resnet50-fpn-1x", XEON, timestamp="2026-11-21T12:30:00Z",
             train=_train(2, 16, 12.34, big_rss, 1, 2), inference=_inference(0.6123, 3)),
@@ -142,8 +142,8 @@ def test_golden_rendering(zoo):
     rows = {_stem_of(r): r for r in _rows(text)}  # the last table of each family: CPU, where two records are
     assert rows["faster-rcnn-resnet50-fpn-1x"][2:8] == ["5.5 (RSS, b2)", "12.3 (b2)", "0.16 (b2)", "0.61",
                                                         NOT_MEASURED, NOT_APPLICABLE]
-    assert rows["mask-rcnn-resnet18-fpn-demo"][2:8] == ["3.4 (RSS)", "2.345", "3.4", "9.9", "31.2 (subset)",
-                                                        "28.7 (subset)"]
+    assert rows["mask-rcnn-resnet18-fpn-demo"][2:8] == ["3.4 (RSS)", "2.345", "3.4", "9.9", "0.312 (subset)",
+                                                        "0.287 (subset)"]
 
 
 def test_configs_without_records_are_not_yet_measured():
@@ -291,11 +291,11 @@ def test_markdown_row_formats_and_marks():
                                     f"memory | {NOT_MEASURED} | {NOT_APPLICABLE} |")
     record = _record("mask-rcnn-resnet50-fpn-1x", H200, train=_train(
         16, 16, 0.04, {"kind": "cuda", "peak_allocated": 3.449 * GIB}, 5, 20), inference=_inference(0.04567, 50),
-        accuracy={"subset": False, "bbox": _ap(38.55), "segm": None})
-    assert markdown_row(record) == f"| R-50-FPN | 1x | 3.4 | 0.040 | 400.0 | 0.046 | 38.5 | {NOT_MEASURED} |"
+        accuracy={"subset": False, "bbox": _ap(0.3856), "segm": None})
+    assert markdown_row(record) == f"| R-50-FPN | 1x | 3.4 | 0.040 | 400.0 | 0.046 | 0.386 | {NOT_MEASURED} |"
     record["settings"]["size"] = [64, 64]  # `detkit benchmark --size 64 64`: not the config's real size
     assert markdown_row(record).startswith("| R-50-FPN | 1x | 3.4 (64x64) | 0.040 (64x64) | 400.0 (64x64) | "
-                                           "0.046 (64x64) | 38.5 |")
+                                           "0.046 (64x64) | 0.386 |")
     record.update(train=None, inference=None, accuracy=None)
     assert markdown_row(record) == f"| R-50-FPN | 1x |{f' {NOT_MEASURED} |' * 6}"
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config.load import ConfigError
 from ..config.schema import DataConfig
-from .coco import CocoDataset
+from .coco import CocoDataset, DatasetError
 from .image_io import ImageDecodeError, read_annotated_image
 from .transforms import Sample, TransformPipeline
 
@@ -165,7 +165,7 @@ class DetectionDataset(Dataset):
             skipped.append((int(self.coco.image_ids[index]), str(self.coco.file_names[index]), reason))
             index = (index + 1) % len(self)
         else:
-            raise RuntimeError(f"none of the {len(self)} images in {self.coco.image_root} could be used, e.g. "
+            raise DatasetError(f"none of the {len(self)} images in {self.coco.image_root} could be used, e.g. "
                                f"{self.coco.image_path(index)}: {self._bad.get(index)}. Run `detkit check-data "
                                f"--decode` on this dataset.")
         rng = np.random.default_rng(seed) if self.transform.train else None

@@ -31,6 +31,7 @@ CATEGORIES = [
 ]
 CROWD_CATEGORY_INDEX = 0  # crowds are clusters of small circles
 EXIF_ORIENTATION = 0x0112
+SPLIT_STREAMS = {"train": 0, "val": 1}  # the random stream of each named split (others follow, by position)
 SYNTH_FILE_NAME = re.compile(r"\d{6}\.(?:jpg|png)")  # what render_image names its images: 000042.jpg
 
 
@@ -289,8 +290,10 @@ def generate(out_dir: str | Path, splits: dict[str, int] | None = None, *, seed:
     (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
     workers = workers or os.cpu_count() or 1
     written = {}
-    for split_index, (split, num) in enumerate(splits.items()):
-        spec = SynthSpec(num_images=num, seed=seed * 1000 + split_index, **spec_kwargs)
+    for position, (split, num) in enumerate(splits.items()):
+        # each split's stream follows its name, so that regenerating one split alone makes the same images
+        index = SPLIT_STREAMS.get(split, len(SPLIT_STREAMS) + position)
+        spec = SynthSpec(num_images=num, seed=seed * 1000 + index, **spec_kwargs)
         image_dir = out_dir / split
         image_dir.mkdir(parents=True, exist_ok=True)
         jobs = [(i, spec, str(image_dir)) for i in range(num)]

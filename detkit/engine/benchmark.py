@@ -598,9 +598,10 @@ def benchmark_accuracy(cfg: Config, model: torch.nn.Module, categories: list[dic
            "images": len(view), "subset": subset}
     for iou_type in cfg.eval.iou_types:
         result = evaluate(dataset.coco.annotation_file, detected["results"], iou_type, image_ids=image_ids)
-        # "AP" in percent, the model-zoo page's unit; "stats" are COCO's fractions, as detkit gives AP elsewhere
-        out[iou_type] = {"AP": 100 * float(result.stats[0]), "stats": [float(s) for s in result.stats],
-                         "summary": result.summary}
+        # fractions, as everywhere in detkit; COCO's undefined metrics (-1, e.g. AP small without small objects)
+        # are null, not values
+        out[iou_type] = {"AP": float(result.stats[0]),
+                         "stats": [float(s) if s >= 0 else None for s in result.stats], "summary": result.summary}
     return out
 
 

@@ -275,7 +275,8 @@ def checkpoint_candidates(directory: str | Path) -> list[Path]:
         name = pointer.read_text(encoding="utf-8", errors="replace").strip()
         # A bare file name only: a pointer must not lead outside the run folder.
         if name in WEIGHTS_ONLY:
-            logger.debug("%s names %s, a weights file; looking for the numbered checkpoints", POINTER, name)
+            logger.warning("%s names %s, a weights file without the training state (an older detkit pointed at "
+                           "it when a run finished); resuming from the numbered checkpoints instead", POINTER, name)
         elif name and Path(name).name == name and name not in (".", "..") and (directory / name).is_file():
             found.append(directory / name)
         else:

@@ -32,8 +32,8 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     """`runtime.amp` with "auto" resolved for `device`: "bf16" where it computes bfloat16 natively, else "none"."""
     if amp != "auto":
         return amp
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "none"
+    if device.type == "cuda":  # bfloat16 tensor cores from Ampere (compute capability 8.0) on; older GPUs emulate it
+        return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "none"
     if device.type == "cpu":
         return "bf16" if _cpu_has_native_bf16() else "none"
     return "none"

@@ -193,11 +193,11 @@ class Trainer:
         self._new_skips: list = []
         num_classes = self.train_set.coco.num_classes
         if cfg.model.label_space != "dataset":
-            raise ValueError("model.label_space coco91 is for inference with torchvision's weights; training "
-                             "uses the dataset's categories (label_space: dataset)")
+            raise ConfigError("model.label_space coco91 is for inference with torchvision's weights; training "
+                              "uses the dataset's categories (label_space: dataset)")
         if cfg.model.num_classes and cfg.model.num_classes != num_classes:
-            raise ValueError(f"model.num_classes is {cfg.model.num_classes} but the training set has "
-                             f"{num_classes} categories")
+            raise ConfigError(f"model.num_classes is {cfg.model.num_classes} but the training set has "
+                              f"{num_classes} categories")
         coco = self.train_set.coco
         self.categories = [{"id": int(i), "name": str(n)} for i, n in zip(coco.category_ids, coco.category_names)]
         self.dataset_info = dataset_fingerprint(coco, filter_empty=data.filter_empty, min_box_size=data.min_box_size,
@@ -519,9 +519,11 @@ class Trainer:
             return values
         saved = False
         if self.best_metric is None or value > self.best_metric:
-            self.best_metric = value
             saved = self._save_best(value)
-        logger.info("iteration %d: %s %.4f (best %.4f%s)", self.iteration, TRACKED_METRIC, value, self.best_metric,
+            if saved:  # the best recorded is the best written: a failed write is tried again at the next evaluation
+                self.best_metric = value
+        best = self.best_metric if self.best_metric is not None else float("nan")
+        logger.info("iteration %d: %s %.4f (best %.4f%s)", self.iteration, TRACKED_METRIC, value, best,
                     f", saved {BEST}" if saved else "")
         return values
 
@@ -581,8 +583,11 @@ class Trainer:
             logger.warning("%s", self.ledger.summary(self.out / "data_report.json"))
         result = {}
         if self.cfg.data.val.annotations:
+            best_before = self.best_metric
             result = self.evaluate(self.out / "eval")
             self._log_evaluation(result)
+            if self.best_metric != best_before:  # the training state records the best metric a resume continues
+                self.save()
         self.writer.close()
         if self.dist.is_main:
             plot_loss_curve(self.out / "metrics.jsonl", self.out / "loss_curve.png")

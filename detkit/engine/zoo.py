@@ -27,9 +27,9 @@ SCHEMA = 1
 FAMILIES = ("RetinaNet", "Faster R-CNN", "Mask R-CNN", "Cascade R-CNN", "TridentNet")  # the seed zoos' order
 ARCH_FAMILIES = {"retinanet": "RetinaNet", "faster_rcnn": "Faster R-CNN", "mask_rcnn": "Mask R-CNN",
                  "cascade_rcnn": "Cascade R-CNN"}
-# AP in percent here, as the published zoo tables give it (elsewhere detkit's AP is a fraction, 0.190)
+# AP is a fraction (0.190), as in the COCO block and everywhere else in detkit
 COLUMNS = ("Backbone", "Lr schd", "Mem (GB)", "Train time (s/iter)", "Train speed (img/s)", "Inf time (fps)",
-           "box AP (%)", "mask AP (%)")
+           "box AP", "mask AP")
 LINK_COLUMNS = ("config", "record")
 NOT_MEASURED = "not yet measured"
 NOT_APPLICABLE = "-"
@@ -259,7 +259,7 @@ def _ap_cell(accuracy: Mapping[str, Any] | None, iou_type: str, applicable: bool
     ap = _get(accuracy, iou_type, "AP")
     if ap is None:
         return NOT_MEASURED if applicable else NOT_APPLICABLE
-    return _marked(f"{ap:.1f}", ["subset"] if _get(accuracy, "subset") else [])
+    return _marked(f"{ap:.3f}", ["subset"] if _get(accuracy, "subset") else [])
 
 
 def _has_mask(record: Mapping[str, Any]) -> bool:
@@ -293,7 +293,7 @@ def markdown_row(record: Mapping[str, Any]) -> str:
 
     Backbone and Lr schd come from `config.backbone` and `config.schedule`. Mem: GiB, one decimal (CUDA peak
     allocated, or the CPU's peak RSS marked `(RSS)`); s/iter: three decimals, one from 10 s up; img/s and fps: one
-    decimal (two significant digits below 1); AP: percent, one decimal, `(subset)` when measured on part of
+    decimal (two significant digits below 1); AP: a fraction, three decimals, `(subset)` when measured on part of
     the val set.
     `(bN)` marks a training batch other than the config's; `(1/K iter)` a time of one micro-batch of a config
     that accumulates K of them per iteration; `-` is not applicable (mask AP of a box-only

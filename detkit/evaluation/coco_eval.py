@@ -2,7 +2,8 @@
 
 AP and AR are fractions everywhere (0.190), as the 12-line block prints them: in tables, plots, metrics.json and
 the training logs. A metric COCO leaves undefined (-1: AP small without small objects, a category without ground
-truth) is left out of metrics.json and printed as "-".
+truth) is left out of metrics.json and the logs and printed as "-" in detkit's tables; the 12-line block is
+pycocotools' own text, which shows it as -1.000.
 """
 from __future__ import annotations
 

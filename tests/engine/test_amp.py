@@ -42,3 +42,12 @@ def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
 def test_auto_is_a_valid_config_value():
     cfg = load_config(Config, Path(__file__).resolve().parents[2] / "configs" / "cascade-rcnn-resnet18-fpn-demo.yaml")
     assert cfg.runtime.amp == "auto"
+
+
+@pytest.mark.parametrize("capability, expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "none")])
+def test_auto_on_cuda_needs_bf16_tensor_cores(monkeypatch, capability, expected):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    device = torch.device("cuda", 1)
+    assert resolve_amp("auto", device) == expected
+    assert asked == [device]  # the device asked about, not the current one
