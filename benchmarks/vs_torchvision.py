@@ -37,7 +37,7 @@ SECTION = "gpu-targets"
 RECORDS = common.ROOT / "benchmarks" / "records-vs-torchvision"  # benchmarks/records holds schema-1 records only
 NOT_LENT = "not yet measured"  # every measured cell until a GPU run fills it
 NOT_RUN = "not measured in this run"
-INFER_SIZE = (800, 1333)  # the issue's batch-1 inference size; both sides pad it to 800x1344
+INFER_SIZE = (800, 1333)  # the batch-1 inference size of the targets; both sides pad it to 800x1344
 NUM_CLASSES = 91  # COCO's ids, as torchvision's weights and the *-torchvision configs number them
 LR = 1e-4  # small: random weights must stay finite over the windows; the speed does not depend on it
 TRAIN_BATCHES = 2  # distinct training batches, cycled
@@ -69,7 +69,7 @@ AMP = {"bf16": "bf16", "fp32": "none"}
 
 @dataclass(frozen=True)
 class Target:
-    """One of the issue's targets: detkit / torchvision >= min_ratio (and >= min_img_per_s for detkit), on a GPU;
+    """One of detkit's speed targets: detkit / torchvision >= min_ratio (and >= min_img_per_s for detkit), on a GPU;
     `precision` and `size`, where set, are the settings the target is stated at."""
 
     model: str

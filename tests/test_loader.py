@@ -1,5 +1,6 @@
 import itertools
 import logging
+import os
 import shutil
 
 import numpy as np
@@ -70,20 +71,47 @@ def test_epochs_cover_the_data_and_ranks_are_disjoint():
     assert len({k[1] for k in epoch0}) == 20  # every sample has its own augmentation seed
 
 
-def test_corrupt_image_is_reported_and_skipped(synth_root, tmp_path, caplog):
+def _val_with_a_truncated_first_image(synth_root, tmp_path, workers: int):
+    """(cfg, val dataset, path of its first image, truncated to 100 bytes) on a copy of the synthetic dataset."""
     root = tmp_path / "copy"
     shutil.copytree(synth_root, root)
-    cfg = _cfg(root, "data.num_workers=0")
+    cfg = _cfg(root, f"data.num_workers={workers}")
     ds = build_dataset(cfg.data, "val")
     victim = ds.coco.image_path(0)
     with open(victim, "r+b") as f:
         f.truncate(100)
+    return cfg, ds, victim
+
+
+def test_corrupt_image_is_reported_and_skipped(synth_root, tmp_path, caplog):
+    cfg, ds, victim = _val_with_a_truncated_first_image(synth_root, tmp_path, 0)
     loader = build_test_loader(ds, cfg.data)
     with caplog.at_level(logging.WARNING):
         batches = list(loader)
     assert len(batches) == len(ds)
     assert victim in caplog.text and "skipping unreadable image" in caplog.text
     assert batches[0].metas[0].index == 1  # replaced by the next image
+
+
+def test_a_workers_skip_is_reported_by_the_main_process(synth_root, tmp_path, caplog):
+    """A worker does not log (its line would cross the main process's progress bar); evaluation reports it."""
+    from detkit.engine.inference import predict
+
+    cfg, ds, victim = _val_with_a_truncated_first_image(synth_root, tmp_path, 1)
+    model = _TinyDetector()
+    with build_test_loader(ds, cfg.data) as loader, caplog.at_level(logging.WARNING):
+        batches = [batch for batch, _ in predict(model, loader, torch.device("cpu"))]
+    assert batches[0].metas[0].index == 1 and batches[0].skipped[0][1] == ds.coco.file_names[0]
+    lines = [r for r in caplog.records if "skipping unreadable image" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].process == os.getpid() and victim.endswith(ds.coco.file_names[0])
+    assert ds.coco.file_names[0] in lines[0].getMessage()
+
+
+class _TinyDetector(torch.nn.Module):
+    """Stands in for a detector in `predict`: no detections."""
+
+    def forward(self, images, image_sizes, image_scales=None):
+        return [None] * len(images)
 
 
 def test_wrong_annotated_size_is_caught(synth_root, tmp_path, caplog):

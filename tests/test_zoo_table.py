@@ -252,7 +252,7 @@ def test_records_folder_ignores_other_files_and_must_exist(tmp_path):
     ("faster-rcnn-resnet101-c4-c5-512roi-fp16-1x", "Faster R-CNN", "R-101-C4", "1x"),
     ("mask-rcnn-resnet50-fpn-1x", "Mask R-CNN", "R-50-FPN", "1x"),
     ("mask-rcnn-spinenet-143", "Mask R-CNN", "SpineNet-143@1280", "350 ep"),
-    ("cascade-rcnn-resnet18-fpn-demo", "Cascade R-CNN", "R-18-FPN", "12 ep"),
+    ("cascade-rcnn-resnet18-fpn-demo", "Cascade R-CNN", "R-18-FPN", "10 ep"),
     ("trident-resnet50v2-c4-c5-128roi-1x", "TridentNet", "R-50v2-C4, Trident", "1x"),
     ("trident-fast-resnet101v2-c4-c5-128roi-1x", "TridentNet", "R-101v2-C4, Trident-Fast", "1x"),
     ("trident-resnet18-c4-demo", "TridentNet", "R-18-C4, Trident", "6 ep"),

@@ -45,9 +45,9 @@ SPINENET_MODEL_IDS = ("49S", "49", "96", "143", "143L", "190")
 
 @dataclass
 class SpineNetConfig:
-    """SpineNet's size and training-time settings (reference sheet 1.3, 1.7). Momentum is PyTorch's: TF 0.99 ->
-    0.01 (Model Garden, the PyTorch port, the TPU Mask R-CNN yamls, eps 1e-3); TF 0.997 -> 0.003 (the TPU
-    RetinaNet yamls, eps 1e-4)."""
+    """SpineNet's size and training-time settings (Du et al. 2020, and the TPU detection configs). Momentum is
+    PyTorch's: TF 0.99 -> 0.01 (Model Garden, the PyTorch port, the TPU Mask R-CNN yamls, eps 1e-3); TF 0.997 ->
+    0.003 (the TPU RetinaNet yamls, eps 1e-4)."""
 
     model_id: Union[str, int] = "49"  # 49S, 49, 96, 143, 143L or 190 (a bare 49 in YAML is read as "49")
     activation: Literal["swish", "relu"] = "swish"
@@ -180,7 +180,7 @@ class RetinaNetConfig:
 
 @dataclass
 class RPNConfig:
-    """Region proposal network (defaults: detectron2's FPN; the C4 configs raise the top-k, reference sheet 3.1).
+    """Region proposal network (defaults: detectron2's FPN; the C4 configs raise the top-k, as detectron2's do).
 
     Anchors: one size per pyramid level (FPN: 32 on P2 ... 512 on P6, `anchor_sizes` has one entry per level) or
     all sizes on the single C4 level (32..512, 15 anchors per location).
@@ -307,9 +307,10 @@ class CascadeConfig:
 
 @dataclass
 class TridentConfig:
-    """TridentNet (Li et al. 2019) on Faster R-CNN C4 (reference sheet 5): the last `num_blocks` res4 units run
-    once per branch, their 3x3 convs with the branch's dilation, every weight shared; the branches are folded into
-    the batch, so the RPN and the RoI head run once over all of them (RoI sampling is per image and branch).
+    """TridentNet (Li et al. 2019; SimpleDet's models/tridentnet) on Faster R-CNN C4: the last `num_blocks` res4
+    units run once per branch, their 3x3 convs with the branch's dilation, every weight shared; the branches are
+    folded into the batch, so the RPN and the RoI head run once over all of them (RoI sampling is per image and
+    branch).
 
     `valid_ranges`: per branch [low, high] of a box's sqrt(w * h) in original-image pixels (1e9: no upper bound).
     With `scale_aware`, RPN anchors near an out-of-range ground-truth box (IoU > `anchor_ignore_iou`) are ignored

@@ -160,7 +160,11 @@ class DetectionDataset(Dataset):
                     sample = self.load_sample(index)
                     break
                 except ImageDecodeError as exc:
-                    logger.warning("skipping unreadable image (%s); using the next image instead", exc)
+                    # a worker process would write across the main process's progress bar: there the main
+                    # process says it, from the batch's `skipped` (`report_skipped`)
+                    in_worker = torch.utils.data.get_worker_info() is not None
+                    logger.log(logging.DEBUG if in_worker else logging.WARNING,
+                               "skipping unreadable image (%s); using the next image instead", exc)
                     reason = self._bad[index] = exc.reason
             skipped.append((int(self.coco.image_ids[index]), str(self.coco.file_names[index]), reason))
             index = (index + 1) % len(self)
@@ -174,6 +178,15 @@ class DetectionDataset(Dataset):
                          orig_size=(int(self.coco.heights[index]), int(self.coco.widths[index])),
                          affine=sample.affine, skipped=skipped)
         return sample, meta
+
+
+def report_skipped(batch: Batch, num_workers: int) -> None:
+    """Log the images that the workers of a loader with `num_workers` skipped to make `batch` (a loader without
+    workers logged them as it skipped them), in the main process, where log lines print above a progress bar."""
+    if num_workers > 0:
+        for image_id, file_name, reason in batch.skipped:
+            logger.warning("skipping unreadable image %s (id %d: %s); using the next image instead", file_name,
+                           image_id, reason)
 
 
 def collate(items: Sequence[tuple[Sample, ImageMeta]], size_divisibility: int = 32,

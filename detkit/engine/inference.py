@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..data.loader import Batch, DetectionDataset
+from ..data.loader import Batch, DetectionDataset, report_skipped
 from ..data.transforms import boxes_to_original
 from .compile import compile_model
 
@@ -97,6 +97,7 @@ def predict(model: nn.Module, loader, device: torch.device, amp: str = "none",
     try:
         with progress_bar(len(loader), "eval", enabled=progress, unit="batch", leave=False) as bar:
             for batch in loader:
+                report_skipped(batch, getattr(loader, "num_workers", 0))
                 batch_dev = batch.to(device, non_blocking=True)
                 with autocast(device, amp):
                     detections = model(batch_dev.images, batch_dev.image_sizes,

@@ -28,7 +28,7 @@ class Split:
         step_seconds: median wall time of an unprofiled step.
         profiled_seconds: wall time of the profiled steps, summed.
         core_seconds: time inside the core ops (outermost calls only, so nested ones count once).
-        outside: 1 - core / profiled wall time: the issue's measure.
+        outside: 1 - core / profiled wall time: the measure docs/benchmarks.md reports.
         outside_unprofiled: 1 - core / (steps x step_seconds): the profiler's own overhead taken out.
         buckets: self time of the remaining aten ops by kind, as fractions of the profiled wall time, and
             "unattributed": the rest of `outside`, which no aten op claims (compiled kernels, Python, the

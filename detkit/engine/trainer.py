@@ -18,7 +18,7 @@ from .. import __version__
 from ..config import Config, ConfigError, dump_yaml, to_dict
 from ..data.coco import DatasetError
 from ..data.fingerprint import dataset_fingerprint
-from ..data.loader import build_dataset, build_test_loader, build_train_loader, stream_state
+from ..data.loader import build_dataset, build_test_loader, build_train_loader, report_skipped, stream_state
 from ..data.report import SkipLedger
 from ..modeling.build import build_model
 from ..utils.progress import progress_bar
@@ -713,13 +713,18 @@ class Trainer:
                        "the batches that diverged are not replayed", bad_at, reason, path.name, self.iteration, scale,
                        self.guard.rollbacks, div.max_rollbacks)
 
+    def _note_skips(self, batch) -> None:
+        """Record (and, for a loader with workers, log) the images skipped to make a training batch."""
+        report_skipped(batch, self.cfg.data.num_workers)
+        self._new_skips.extend(batch.skipped)
+
     def _step(self, data_iter) -> dict[str, float]:
         """One optimiser step (see `TrainStep`); returns its losses as floats, averaged over ranks ({} when skipped).
 
         Sets `self._step_kind` ("ok", "overflow", "bad") and `self._stop_agreed` (a stop signal any rank got).
         """
         stop = self._stop_request.signal_name if self._stop_request is not None else None
-        result = self.train_step(data_iter, stop=stop, on_batch=lambda batch: self._new_skips.extend(batch.skipped))
+        result = self.train_step(data_iter, stop=stop, on_batch=self._note_skips)
         self._step_kind, self._stop_agreed = result.kind, result.stop
         if result.kind != "ok":
             self.skipped_steps += 1

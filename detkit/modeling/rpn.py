@@ -1,10 +1,10 @@
 """Region proposal network (Ren et al. 2015): objectness and box deltas per anchor, proposals for a second stage.
 
-The pieces are kept apart, as in the dense detectors: `RPNHead` predicts, `label_and_sample_anchors` assigns and
-samples targets (no gradient), `rpn_losses` computes the losses, `generate_proposals` post-processes. `RPN` ties them
-together. The FPN and C4 variants differ only in their settings (reference sheet 3.1): FPN has one anchor size on
-each of P2-P6 with pre-NMS top-k per level (2000 train / 1000 test) and 1000 proposals per image; C4 has 15 anchors
-per location on one stride-16 level with pre-NMS top-k 12000 / 6000 and 2000 / 1000 proposals.
+The pieces are kept apart, as in the dense detectors: `RPNHead` predicts, `label_and_sample_anchors` assigns and samples
+targets (no gradient), `rpn_losses` computes the losses, `generate_proposals` post-processes. `RPN` ties them together.
+The FPN and C4 variants differ only in their settings (as detectron2's FPN and C4 configs): FPN has one anchor size on
+each of P2-P6 with pre-NMS top-k per level (2000 train / 1000 test) and 1000 proposals per image; C4 has 15 anchors per
+location on one stride-16 level with pre-NMS top-k 12000 / 6000 and 2000 / 1000 proposals.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""TridentNet's scale-aware training and testing (reference sheet 5): each branch owns a valid range of object
-sizes, sqrt(w * h) in original-image pixels, and the detector folds its per-image inputs to match the trident
-backbone's branch-major folded batch (row `b * N + n` is image n seen by branch b; see `backbones/trident.py`).
+"""TridentNet's scale-aware training and testing (Li et al. 2019; SimpleDet's models/tridentnet): each branch owns a
+valid range of object sizes, sqrt(w * h) in original-image pixels, and the detector folds its per-image inputs to match
+the trident backbone's branch-major folded batch (row `b * N + n` is image n seen by branch b; see
+`backbones/trident.py`).
 
 Where the ranges act (SimpleDet's TridentNet):
   * RPN targets: per branch, anchors whose IoU with an out-of-range ground-truth box exceeds 0.3 are ignored.

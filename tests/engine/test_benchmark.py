@@ -15,6 +15,7 @@ from detkit.engine import benchmark, environment
 from detkit.engine.benchmark import (BenchmarkOptions, RssMemory, Timing, fit_train_batch, inference_sweep,
                                      measure_loop, run_benchmark, synthetic_batches, with_size)
 from detkit.engine.environment import device_slug, git_commit
+from detkit.engine.inference import resolve_amp
 from detkit.engine.flops import input_size
 from detkit.engine.zoo import GIB, config_hash, describe
 
@@ -232,11 +233,12 @@ def test_record_schema_and_row_for_a_tiny_retinanet(tiny_run):
     assert device["cpu_count"] >= 1 and device["torch_threads"] >= 1
     config = record["config"]
     assert config["name"] == "retinanet-resnet18-fpn-demo" and config["arch"] == "retinanet"
-    assert config["backbone"] == "R-18-FPN" and config["schedule"] == "12 ep" and config["num_classes"] == 8
+    assert config["backbone"] == "R-18-FPN" and config["schedule"] == "16 ep" and config["num_classes"] == 8
     assert len(config["overrides"]) == 3 and re.fullmatch(r"[0-9a-f]{64}", config["sha256"])
     cfg = load_config(Config, config["path"], config["overrides"])
     assert config["sha256"] == config_hash(cfg)  # the config's own hash, not the --size one
-    assert record["settings"] == {"amp": "none", "channels_last": True, "compile": False, "fold_bn": True,
+    amp = resolve_amp("auto", torch.device("cpu"))  # the demo config's amp: auto, as resolved on this machine
+    assert record["settings"] == {"amp": amp, "channels_last": True, "compile": False, "fold_bn": True,
                                   "input": "synthetic", "init": "random", "inference_weights": True, "seed": 0,
                                   "size": [64, 64]}
     assert record["size"]["padded_size"] == [64, 64] and record["size"]["params"] > 1e6
@@ -263,9 +265,9 @@ def test_record_schema_and_row_for_a_tiny_retinanet(tiny_run):
     assert inference["best"]["fps"] == max(e["fps"] for e in inference["per_batch"])
 
     cells = [c.strip() for c in record["markdown_row"].strip().strip("|").split("|")]
-    assert len(cells) == 8 and cells[:2] == ["R-18-FPN", "12 ep"]
+    assert len(cells) == 8 and cells[:2] == ["R-18-FPN", "16 ep"]
     assert re.fullmatch(r"\d+\.\d \(RSS, b2, 64x64\)", cells[2]) and cells[7] == "-"  # marks: CPU, batch, size
-    assert cells[6] == f"{record['accuracy']['bbox']['AP']:.1f} (subset)"
+    assert cells[6] == f"{record['accuracy']['bbox']['AP']:.3f} (subset)"
 
 
 def test_ap_block_with_weights_on_the_synth_dataset(tiny_run):

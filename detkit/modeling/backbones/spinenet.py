@@ -41,7 +41,7 @@ class BlockSpec:
     is_output: bool
 
 
-# The searched architecture (TPU `SPINENET_BLOCK_SPECS`, reference sheet 1.2).
+# The searched architecture (TPU `SPINENET_BLOCK_SPECS`; Du et al. 2020, table 1).
 BLOCK_SPECS = (
     BlockSpec(2, "bottleneck", (0, 1), False),
     BlockSpec(4, "residual", (0, 1), False),
@@ -66,7 +66,7 @@ FILTER_SIZES = {1: 32, 2: 64, 3: 128, 4: 256, 5: 256, 6: 256, 7: 256}
 
 @dataclass(frozen=True)
 class Scaling:
-    """How a SpineNet size scales the base architecture (TPU `SCALING_MAP`, reference sheet 1.3)."""
+    """How a SpineNet size scales the base architecture (TPU `SCALING_MAP`; Du et al. 2020, table 2)."""
 
     endpoints_num_filters: int  # width of every output level
     filter_size_scale: float  # block widths are int(FILTER_SIZES[level] * this)

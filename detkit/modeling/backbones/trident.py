@@ -1,5 +1,5 @@
-"""TridentNet's trident blocks (Li et al. 2019, reference sheet 5): res4 units whose 3x3 convs run once per branch
-with that branch's dilation (1, 2, 3), every weight (convs and norms) shared, the branches folded into the batch.
+"""TridentNet's trident blocks (Li et al. 2019; SimpleDet's models/tridentnet): res4 units whose 3x3 convs run once per
+branch with that branch's dilation (1, 2, 3), every weight (convs and norms) shared, the branches folded into the batch.
 
 Folding is branch-major: a batch of N images becomes B*N rows, row `b * N + n` being image n seen by branch b,
 so each branch is one contiguous slice (`x.chunk(B)`) and everything after res4 (RPN, RoI head) runs once on the
