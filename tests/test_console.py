@@ -201,8 +201,11 @@ def test_make_install_says_what_it_does_before_each_step():
     if shutil.which("make") is None:
         pytest.skip("no make")
     # -n: print the commands only; -B: as if nothing were installed yet
+    # without the make that runs the suite (`make test`): its MAKEFLAGS and MAKELEVEL add "make[1]: ..." lines
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
     out = subprocess.run(["make", "-n", "-B", "install", "VENV=/nonexistent/venv"], capture_output=True, text=True,
-                         cwd=REPO, timeout=60, check=True).stdout.splitlines()
+                         cwd=REPO, timeout=60, check=True, env=env).stdout.splitlines()
+    out = [line for line in out if not line.startswith("make[")]
     torch_pin = re.search(r"^TORCH_VERSION \?= (\S+)$", (REPO / "Makefile").read_text(), re.M).group(1)
     venv = out.index("python3 -m venv /nonexistent/venv")
     torch = next(i for i, line in enumerate(out) if f"pip install -q --disable-pip-version-check torch=={torch_pin}"
