@@ -176,7 +176,7 @@ def plot_loss_curve(metrics_path: str | Path, out_png: str | Path) -> Path | Non
         loss_ax.set_yscale("log")
     loss_ax.set_ylabel("loss")
     loss_ax.grid(True, alpha=0.3)
-    loss_ax.legend(fontsize="small")
+    loss_ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside the curves
     if lr_ax is not None:
         lr_ax.plot(*lrs, color="tab:gray", linewidth=1)
         lr_ax.set_ylabel("lr")
